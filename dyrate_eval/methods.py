@@ -1,0 +1,153 @@
+"""Pruning methods as small policies on the shared core.
+
+A policy answers one question for the executor in ``hf_llava``: before decoder layer
+``layer`` at generation step ``step``, how many image tokens should each sample keep?
+``None`` means "no change". The executor does the rest (ranking by attention score,
+physically removing tokens, recording the plan), so a policy holds no tensors of the
+model and touches no transformers code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from .errors import PruningConfigError
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One user-facing setting of a method: its parse/check rule and its default."""
+
+    name: str
+    allowed: str  # human-readable allowed values, used in error messages
+    parse: Callable[[Any, int], Any]  # (raw value, num_layers) -> value; raises ValueError if not allowed
+    default: Callable[[int], Any]  # num_layers -> default value
+
+
+def _parse_layer(value: Any, num_layers: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError
+    number = float(value)
+    if not number.is_integer() or not 1 <= number <= num_layers - 1:
+        raise ValueError
+    return int(number)
+
+
+def _parse_rate(value: Any, num_layers: int) -> float:
+    if isinstance(value, bool):
+        raise ValueError
+    number = float(value)
+    if not (0.0 <= number <= 1.0) or math.isnan(number):
+        raise ValueError
+    return number
+
+
+def layer_setting(default: Callable[[int], int]) -> Setting:
+    return Setting("K", "an integer in 1..num_layers-1", _parse_layer, default)
+
+
+RATE_SETTING = Setting("R", "a number in [0, 1]", _parse_rate, lambda num_layers: 0.5)
+
+
+@dataclass
+class StepView:
+    """What a policy may look at when deciding: per-sample image counts at this point."""
+
+    n_img: torch.Tensor  # (B,) image tokens in each sample's prompt
+    kept: torch.Tensor  # (B,) image tokens each sample still sees before this layer
+
+
+class PruningPolicy:
+    """Base of every method. Subclasses set ``name`` and ``settings`` and override
+    ``keep_before_layer``."""
+
+    name: ClassVar[str]
+    settings: ClassVar[tuple[Setting, ...]] = ()
+
+    def __init__(self, num_layers: int, values: dict[str, Any]):
+        self.num_layers = num_layers
+        for setting in self.settings:
+            setattr(self, setting.name, values[setting.name])
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, **{s.name: getattr(self, s.name) for s in self.settings}}
+
+    def keep_before_layer(self, layer: int, step: int, view: StepView) -> torch.Tensor | None:
+        """Image tokens to keep per sample from ``layer`` on, or None to keep the current set."""
+        return None
+
+
+class Original(PruningPolicy):
+    """No pruning: the reference every ratio is taken against."""
+
+    name = "original"
+
+
+class FastV(PruningPolicy):
+    """At prefill, after layer K-1, keep the top (1-R) share of image tokens for all
+    layers >= K and for the whole generation."""
+
+    name = "fastv"
+    settings = (layer_setting(lambda num_layers: 2), RATE_SETTING)
+
+    def keep_before_layer(self, layer, step, view):
+        if step == 0 and layer == self.K:
+            return torch.round((1.0 - self.R) * view.n_img.double()).long()
+        return None
+
+
+class VTW(PruningPolicy):
+    """Visual-token withdrawal: layers >= K see no image tokens, in prefill and decode.
+
+    The default K is half the depth: 16 of 32 layers (7B) and 20 of 40 (13B), VTW's
+    published choices for LLaVA-1.5.
+    """
+
+    name = "vtw"
+    settings = (layer_setting(lambda num_layers: num_layers // 2),)
+
+    def keep_before_layer(self, layer, step, view):
+        if step == 0 and layer == self.K:
+            return torch.zeros_like(view.n_img)
+        return None
+
+
+METHODS: dict[str, type[PruningPolicy]] = {policy.name: policy for policy in (Original, FastV, VTW)}
+
+
+def make_policy(method: str, num_layers: int, **raw_settings: Any) -> PruningPolicy:
+    """Validate a method and its settings against a model depth and build its policy.
+
+    Every problem raises ``PruningConfigError`` naming the setting and the allowed values.
+    """
+    if method not in METHODS:
+        raise PruningConfigError(
+            f"unknown method {method!r}: allowed methods are {', '.join(METHODS)}"
+        )
+    policy_class = METHODS[method]
+    known = {s.name: s for s in policy_class.settings}
+    unknown = [name for name in raw_settings if name not in known]
+    if unknown:
+        takes = ", ".join(known) if known else "no settings"
+        raise PruningConfigError(
+            f"method {method!r} does not take setting {unknown[0]!r}; it takes: {takes}"
+        )
+    values = {}
+    for name, setting in known.items():
+        if name not in raw_settings or raw_settings[name] is None:
+            values[name] = setting.default(num_layers)
+            continue
+        raw = raw_settings[name]
+        try:
+            values[name] = setting.parse(raw, num_layers)
+        except (ValueError, TypeError):
+            allowed = setting.allowed.replace("num_layers-1", str(num_layers - 1))
+            raise PruningConfigError(
+                f"{name}={raw!r} is not allowed for method {method!r}: {name} must be {allowed}"
+                f" (this model has {num_layers} decoder layers)"
+            ) from None
+    return policy_class(num_layers, values)

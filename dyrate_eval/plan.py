@@ -1,0 +1,62 @@
+"""The plan a generation actually executed, recorded by the executor step by step.
+
+FLOPs, memory and the figures are computed from this record, never from the
+settings, so what is reported is what ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ExecutedPlan:
+    """Per batch row: image tokens, and per step and decoder layer the kept image
+    tokens, the keys attended over and the query rows computed.
+
+    Step 0 is the prefill; step t >= 1 is the t-th decode forward. Counts exclude
+    padding and filler entries, so a row's numbers are those of a batch-1 run. With
+    beam search the rows are beams, and reordering keeps each row's history with its
+    beam.
+    """
+
+    n_img: torch.Tensor  # (B,)
+    kept_image: list[torch.Tensor] = field(default_factory=list)  # per step, (B, layers)
+    keys: list[torch.Tensor] = field(default_factory=list)  # per step, (B, layers)
+    queries: list[torch.Tensor] = field(default_factory=list)  # per step, (B, layers)
+
+    def add_step(self, kept_image: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor) -> None:
+        self.kept_image.append(kept_image)
+        self.keys.append(keys)
+        self.queries.append(queries)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Follow a beam-search reordering of the batch rows."""
+        self.n_img = self.n_img.index_select(0, rows.to(self.n_img.device))
+        for history in (self.kept_image, self.keys, self.queries):
+            history[:] = [step.index_select(0, rows.to(step.device)) for step in history]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.kept_image)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.n_img.shape[0])
+
+    def kept_image_tokens(self) -> torch.Tensor:
+        """(B, steps, layers) kept image tokens."""
+        return torch.stack(self.kept_image, dim=1).cpu()
+
+    def for_row(self, row: int, num_steps: int | None = None) -> dict:
+        """One row's plan as plain lists, truncated to ``num_steps`` forwards (a row
+        that stopped early keeps running in the batch; its later steps are not its own)."""
+        steps = self.num_steps if num_steps is None else min(num_steps, self.num_steps)
+        return {
+            "n_img": int(self.n_img[row]),
+            "kept_image": [self.kept_image[t][row].tolist() for t in range(steps)],
+            "keys": [self.keys[t][row].tolist() for t in range(steps)],
+            "queries": [self.queries[t][row].tolist() for t in range(steps)],
+        }

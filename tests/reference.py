@@ -1,0 +1,66 @@
+"""An independent reference for pruned runs: the unmodified model (eager attention),
+whose layers >= K cannot attend to the dropped image keys. Nothing here uses the
+project's executor."""
+
+from __future__ import annotations
+
+import torch
+
+
+def image_positions(input_ids, image_token_id):
+    return [torch.nonzero(row == image_token_id).flatten() for row in input_ids]
+
+
+def fastv_selection(eager_model, inputs, K, R):
+    """Per sample, the image positions FastV keeps: top round((1-R) N) by the last
+    prompt token's head-averaged attention at layer K-1, from eager attention weights."""
+    with torch.no_grad():
+        out = eager_model(**inputs, output_attentions=True, use_cache=False)
+    attention = out.attentions[K - 1]  # (B, H, S, S)
+    kept = []
+    for row, positions in enumerate(image_positions(inputs["input_ids"], eager_model.config.image_token_id)):
+        scores = attention[row, :, -1, :].mean(0)[positions]
+        keep = int(torch.round(torch.tensor((1 - R) * len(positions), dtype=torch.float64)))
+        kept.append(positions[scores.topk(keep).indices].sort().values)
+    return kept
+
+
+class MaskedKeys:
+    """Forward pre-hooks that remove ``dropped[row]`` key positions from the attention
+    of every layer >= K (in prefill and in every decode step)."""
+
+    def __init__(self, model, K, dropped):
+        self.handles = []
+        self.dropped = dropped
+        for layer in model.model.language_model.layers[K:]:
+            self.handles.append(layer.self_attn.register_forward_pre_hook(self._hook, with_kwargs=True))
+
+    def _hook(self, module, args, kwargs):
+        mask = kwargs["attention_mask"]
+        assert mask is not None and mask.dim() == 4, "reference expects a materialised eager mask"
+        mask = mask.clone()
+        blocked = torch.finfo(mask.dtype).min if mask.dtype.is_floating_point else False
+        for row, positions in enumerate(self.dropped):
+            mask[row, :, :, positions] = blocked
+        kwargs["attention_mask"] = mask
+        return args, kwargs
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def dropped_positions(inputs, image_token_id, kept):
+    return [
+        positions[~torch.isin(positions, keep)]
+        for positions, keep in zip(image_positions(inputs["input_ids"], image_token_id), kept)
+    ]
+
+
+def greedy(model, inputs, new_tokens=6, **kwargs):
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+            return_dict_in_generate=True, min_new_tokens=new_tokens, **kwargs,
+        )
+    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, dim=1), out

@@ -1,0 +1,129 @@
+"""The pruning core against the unmodified model and against the masked reference."""
+
+import pytest
+import torch
+
+from dyrate_eval import apply_pruning, executed_plan, remove_pruning
+
+from .conftest import load_model
+from .reference import MaskedKeys, dropped_positions, fastv_selection, greedy, image_positions
+
+NEW = 6
+
+
+def test_r0_is_identical_to_the_original_model(tiny_dir, make_inputs):
+    inputs = make_inputs((0,))
+    plain = load_model(tiny_dir)
+    reference_tokens, reference_logits, _ = greedy(plain, inputs, NEW)
+    with torch.no_grad():
+        reference_prefill = plain(**inputs).logits
+    for method, settings in (("fastv", {"K": 2, "R": 0.0}), ("original", {})):
+        pruned = apply_pruning(load_model(tiny_dir), method=method, **settings)
+        tokens, logits, _ = greedy(pruned, inputs, NEW)
+        assert torch.equal(tokens, reference_tokens)
+        assert torch.equal(logits, reference_logits), f"{method}: decode logits differ"
+        with torch.no_grad():
+            assert torch.equal(pruned(**inputs).logits, reference_prefill), f"{method}: prefill logits differ"
+
+
+@pytest.mark.parametrize("K,R", [(1, 0.5), (2, 0.5), (2, 0.75), (3, 0.9), (2, 1.0)])
+def test_fastv_matches_masked_reference(tiny_dir, make_inputs, K, R):
+    inputs = make_inputs((0,))
+    eager = load_model(tiny_dir, attn="eager")
+    kept = fastv_selection(eager, inputs, K, R)
+    hooks = MaskedKeys(eager, K, dropped_positions(inputs, eager.config.image_token_id, kept))
+    reference_tokens, reference_logits, _ = greedy(eager, inputs, NEW)
+    hooks.remove()
+
+    pruned = apply_pruning(load_model(tiny_dir), method="fastv", K=K, R=R)
+    tokens, logits, _ = greedy(pruned, inputs, NEW)
+    assert torch.equal(tokens, reference_tokens)
+    torch.testing.assert_close(logits, reference_logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_vtw_matches_masked_reference(tiny_dir, make_inputs, K):
+    inputs = make_inputs((1,))
+    eager = load_model(tiny_dir, attn="eager")
+    hooks = MaskedKeys(eager, K, image_positions(inputs["input_ids"], eager.config.image_token_id))
+    reference_tokens, reference_logits, _ = greedy(eager, inputs, NEW)
+    hooks.remove()
+
+    pruned = apply_pruning(load_model(tiny_dir), method="vtw", K=K)
+    tokens, logits, _ = greedy(pruned, inputs, NEW)
+    assert torch.equal(tokens, reference_tokens)
+    torch.testing.assert_close(logits, reference_logits, atol=1e-5, rtol=0)
+
+
+def test_kv_cache_of_pruned_layers_is_shorter(tiny_dir, make_inputs):
+    inputs = make_inputs((0,))
+    K, R = 2, 0.75
+    model = apply_pruning(load_model(tiny_dir), method="fastv", K=K, R=R)
+    _, _, out = greedy(model, inputs, NEW)
+    n_img = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    dropped = n_img - round((1 - R) * n_img)
+    full = inputs["input_ids"].shape[1] + NEW - 1  # the last token is generated, not cached
+    lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    assert lengths[:K] == [full] * K
+    assert lengths[K:] == [full - dropped] * (len(lengths) - K)
+
+    plan = executed_plan(model)
+    assert plan.num_steps == NEW
+    kept = plan.kept_image_tokens()[0]  # (steps, layers)
+    assert kept[:, :K].eq(n_img).all() and kept[:, K:].eq(n_img - dropped).all()
+    assert plan.keys[0][0].tolist() == [inputs["input_ids"].shape[1]] * K + [inputs["input_ids"].shape[1] - dropped] * (len(lengths) - K)
+
+
+@pytest.mark.parametrize("method,settings", [("fastv", {"K": 2, "R": 0.5}), ("vtw", {"K": 2}), ("original", {})])
+def test_batch_with_left_padding_equals_single_runs(tiny_dir, make_inputs, method, settings):
+    model = apply_pruning(load_model(tiny_dir), method=method, **settings)
+    batch = make_inputs((0, 1))
+    assert batch["attention_mask"][0].eq(0).any(), "the two prompts should differ in length"
+    batch_tokens, batch_logits, _ = greedy(model, batch, NEW)
+    batch_plan = executed_plan(model)
+    for row in range(2):
+        tokens, logits, _ = greedy(model, make_inputs((row,)), NEW)
+        assert torch.equal(batch_tokens[row], tokens[0])
+        torch.testing.assert_close(batch_logits[row], logits[0], atol=1e-5, rtol=0)
+        assert batch_plan.for_row(row) == executed_plan(model).for_row(0)
+
+
+def test_sampling_and_beam_search_run_and_keep_the_plan(tiny_dir, make_inputs):
+    model = apply_pruning(load_model(tiny_dir), method="fastv", K=2, R=0.5)
+    inputs = make_inputs((0, 1))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        sampled = model.generate(**inputs, do_sample=True, top_p=0.9, temperature=0.8, max_new_tokens=5, min_new_tokens=5)
+    assert sampled.shape[1] == inputs["input_ids"].shape[1] + 5
+    with torch.no_grad():
+        beams = model.generate(**inputs, num_beams=3, max_new_tokens=5, min_new_tokens=5, early_stopping=False)
+    assert beams.shape == (2, inputs["input_ids"].shape[1] + 5)
+    plan = executed_plan(model)
+    assert plan.batch_size == 6  # 2 samples x 3 beams
+    assert plan.kept_image_tokens()[:, :, 2:].eq(32).all()
+
+
+def test_beam_search_matches_masked_reference(tiny_dir, make_inputs):
+    inputs = make_inputs((0,))
+    K, R = 2, 0.5
+    eager = load_model(tiny_dir, attn="eager")
+    kept = fastv_selection(eager, inputs, K, R)
+    dropped = dropped_positions(inputs, eager.config.image_token_id, kept)
+    hooks = MaskedKeys(eager, K, dropped * 3)  # the prompt is repeated once per beam
+    with torch.no_grad():
+        reference = eager.generate(**inputs, num_beams=3, max_new_tokens=5, min_new_tokens=5)
+    hooks.remove()
+    pruned = apply_pruning(load_model(tiny_dir), method="fastv", K=K, R=R)
+    with torch.no_grad():
+        assert torch.equal(pruned.generate(**inputs, num_beams=3, max_new_tokens=5, min_new_tokens=5), reference)
+
+
+def test_remove_pruning_restores_the_model(tiny_dir, make_inputs):
+    inputs = make_inputs((0,))
+    plain = load_model(tiny_dir)
+    with torch.no_grad():
+        reference = plain(**inputs).logits
+    model = remove_pruning(apply_pruning(load_model(tiny_dir), method="vtw", K=1))
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference)
+    assert executed_plan is not None
