@@ -19,6 +19,7 @@ Surviving tokens keep their original position ids (FastV/VTW convention).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -425,6 +426,21 @@ def image_token_id(config) -> int:
     return int(token_id)
 
 
+def _check_image_tokens(input_ids, token_id: int) -> None:
+    if input_ids is None:
+        raise PruningConfigError(
+            "pruning needs input_ids to find the image span from the image token id; "
+            "inputs_embeds alone cannot be pruned"
+        )
+    missing = (input_ids == token_id).sum(1) == 0
+    if bool(missing.any()):
+        row = int(missing.nonzero()[0])
+        raise PruningConfigError(
+            f"the prompt of sample {row} has no image token (id {token_id}): pruning needs an image "
+            "in every prompt; put the processor's image placeholder (e.g. '<image>') in the text"
+        )
+
+
 def install(model, policy: PruningPolicy):
     """Put the executor into ``model`` (in place) with ``policy``; re-installing swaps the policy."""
     inner, language_model = _language_model(model)
@@ -443,20 +459,18 @@ def install(model, policy: PruningPolicy):
             if cache is not None and getattr(cache, _STATE_ATTR, None) is not None:
                 return  # a decode step: the image span is already known
             input_ids = kwargs.get("input_ids", args[0] if args else None)
-            if input_ids is None:
-                raise PruningConfigError(
-                    "pruning needs input_ids to find the image span from the image token id; "
-                    "inputs_embeds alone cannot be pruned"
-                )
-            missing = (input_ids == token_id).sum(1) == 0
-            if bool(missing.any()):
-                row = int(missing.nonzero()[0])
-                raise PruningConfigError(
-                    f"the prompt of sample {row} has no image token (id {token_id}): pruning needs an image "
-                    "in every prompt; put the processor's image placeholder (e.g. '<image>') in the text"
-                )
+            _check_image_tokens(input_ids, token_id)
             language_model._dyrate_prompt_ids = input_ids
 
+        model_generate = model.generate
+
+        @functools.wraps(model_generate)
+        def generate_checked(*args, **kwargs):
+            # generate runs the vision tower before the first forward: check first
+            _check_image_tokens(kwargs.get("input_ids", args[0] if args else None), token_id)
+            return model_generate(*args, **kwargs)
+
+        model.generate = generate_checked
         language_model._dyrate_image_token_id = token_id
         language_model._dyrate_hook = inner.register_forward_pre_hook(capture_prompt, with_kwargs=True)
     language_model._dyrate_policy = policy
@@ -468,6 +482,7 @@ def uninstall(model):
     _, language_model = _language_model(model)
     if isinstance(language_model, _PrunedDecoderMixin):
         language_model._dyrate_hook.remove()
+        del model.generate  # the instance wrapper; the class method shows again
         language_model.__class__ = type(language_model).__mro__[2]
         for name in ("_dyrate_policy", "_dyrate_rotary", "_dyrate_prompt_ids", "_dyrate_image_token_id", "_dyrate_hook", "last_plan"):
             delattr(language_model, name)

@@ -1,0 +1,1 @@
+"""lmms-eval models of dyrate-eval, registered through the ``lmms_eval.models`` entry points."""

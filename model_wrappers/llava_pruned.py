@@ -1,0 +1,212 @@
+"""LLaVA-1.5 with a visual-token reduction method, as an lmms-eval model.
+
+``--model dyrate_llava --model_args pretrained=...,method=fastv,K=2,R=0.5`` runs any
+method of the shared core; ``original_llava``, ``fastv_llava`` and ``vtw_llava`` are
+the same model with their method fixed. Prompts use LLaVA-1.5's conversation format.
+Data parallel: ``accelerate launch --num_processes N -m lmms_eval ...`` gives each
+rank its share of the documents (lmms-eval shards them by rank); on a machine without
+GPUs add ``--multi_gpu`` so that accelerate starts N processes (they talk over gloo).
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from lmms_eval import utils
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from loguru import logger
+from tqdm import tqdm
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+from dyrate_eval import PruningConfigError, apply_pruning
+from dyrate_eval.methods import make_policy
+from dyrate_eval.prompts import IMAGE_PLACEHOLDER, llava_prompt
+
+DEFAULT_PRETRAINED = "llava-hf/llava-1.5-7b-hf"
+DEFAULT_MAX_NEW_TOKENS = 128
+# Generation settings a task may give; anything else in gen_kwargs is not for HF generate.
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k")
+
+
+class PrunedLlava(lmms):
+    is_simple = True
+    fixed_method: str | None = None  # set by the per-method presets
+    default_method = "original"
+
+    def __init__(
+        self,
+        pretrained: str = DEFAULT_PRETRAINED,
+        method: str | None = None,
+        device: str | None = None,
+        dtype: str = "auto",
+        attn_implementation: str = "sdpa",
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,
+        **method_settings,
+    ) -> None:
+        super().__init__()
+        method = self._resolve_method(method)
+        config = AutoConfig.from_pretrained(pretrained)
+        # Validate the method against the model's depth before loading any weights.
+        make_policy(method, config.text_config.num_hidden_layers, **method_settings)
+        try:
+            self.batch_size_per_gpu = int(batch_size)
+        except ValueError:
+            raise PruningConfigError(f"batch_size={batch_size!r} is not allowed: batch_size must be a positive integer") from None
+        if self.batch_size_per_gpu < 1:
+            raise PruningConfigError(f"batch_size={batch_size!r} is not allowed: batch_size must be a positive integer")
+
+        on_cpu = (device or "").startswith("cpu") or not torch.cuda.is_available()
+        # cpu=True makes a multi-process launch use gloo (MULTI_CPU) instead of looking for GPUs
+        self.accelerator = Accelerator(cpu=on_cpu)
+        if self.accelerator.num_processes > 1:
+            self._device = self.accelerator.device
+        else:
+            self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._rank = self.accelerator.process_index
+        self._world_size = self.accelerator.num_processes
+        torch_dtype = self._resolve_dtype(dtype)
+
+        self.pretrained = pretrained
+        self._model = LlavaForConditionalGeneration.from_pretrained(
+            pretrained, dtype=torch_dtype, attn_implementation=attn_implementation, device_map=str(self._device)
+        ).eval()
+        apply_pruning(self._model, method=method, **method_settings)
+        self.method = method
+        self.processor = AutoProcessor.from_pretrained(pretrained)
+        self.processor.tokenizer.padding_side = "left"  # batched generation
+        self.tokenizer = self.processor.tokenizer
+
+    def _resolve_method(self, method: str | None) -> str:
+        if self.fixed_method is None:
+            return method or self.default_method
+        if method not in (None, self.fixed_method):
+            raise PruningConfigError(
+                f"method={method!r} is not allowed for this model: it always runs {self.fixed_method!r}; "
+                "use --model dyrate_llava to choose the method"
+            )
+        return self.fixed_method
+
+    def _resolve_dtype(self, dtype: str) -> torch.dtype:
+        if dtype == "auto":
+            return torch.float16 if self._device.type == "cuda" else torch.float32
+        allowed = ("float32", "float16", "bfloat16")
+        if dtype not in allowed:
+            raise PruningConfigError(f"dtype={dtype!r} is not allowed: dtype must be one of auto, {', '.join(allowed)}")
+        return getattr(torch, dtype)
+
+    @property
+    def model(self) -> LlavaForConditionalGeneration:
+        return self._model
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    # -- inputs ------------------------------------------------------------------
+
+    def _doc(self, task, split, doc_id):
+        return self.task_dict[task][split][doc_id]
+
+    def _encode(self, prompts: list[str], images: list) -> dict:
+        inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        inputs = inputs.to(self._device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
+        return inputs
+
+    @staticmethod
+    def _prompt(context: str, images: list) -> str:
+        if IMAGE_PLACEHOLDER in context:
+            return llava_prompt(context, num_images=0)
+        return llava_prompt(context, num_images=len(images))
+
+    # -- lmms-eval API -------------------------------------------------------------
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        # Longest prompts first, grouped by identical generation settings.
+        collator = utils.Collator(
+            [request.args for request in requests], lambda args: (-len(args[0]), args[0]), grouping=True
+        )
+        logger.info(f"rank {self.rank}/{self.world_size}: {len(requests)} generation requests, method {self.method}")
+        results = []
+        progress = tqdm(total=len(requests), disable=self.rank != 0, desc="Model responding")
+        for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
+            contexts, all_gen_kwargs, doc_to_visuals, doc_ids, tasks, splits = zip(*chunk)
+            gen_kwargs = dict(all_gen_kwargs[0])
+            prompts, images = [], []
+            for context, doc_to_visual, doc_id, task, split in zip(contexts, doc_to_visuals, doc_ids, tasks, splits):
+                visuals = list(doc_to_visual(self._doc(task, split, doc_id)))
+                prompts.append(self._prompt(context, visuals))
+                images.extend(visuals)
+            until = gen_kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            inputs = self._encode(prompts, images)
+            with torch.inference_mode():
+                output = self._model.generate(**inputs, **self._generate_settings(gen_kwargs))
+            new_tokens = output[:, inputs["input_ids"].shape[1]:]
+            for context, text in zip(contexts, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                for stop in until:
+                    if stop:
+                        text = text.split(stop)[0]
+                text = text.strip()
+                results.append(text)
+                self.cache_hook.add_partial("generate_until", (context, all_gen_kwargs[0]), text)
+                progress.update(1)
+        progress.close()
+        return collator.get_original(results)
+
+    def _generate_settings(self, gen_kwargs: dict) -> dict:
+        temperature = float(gen_kwargs.get("temperature") or 0.0)
+        do_sample = bool(gen_kwargs.get("do_sample", False)) or temperature > 0
+        settings = {
+            "max_new_tokens": int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
+            "num_beams": int(gen_kwargs.get("num_beams") or 1),
+            "do_sample": do_sample,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+        }
+        if do_sample:
+            settings.update({key: gen_kwargs[key] for key in _SAMPLING_KEYS if gen_kwargs.get(key) is not None})
+        else:  # the checkpoint's generation_config may carry sampling defaults
+            settings.update({"temperature": None, "top_p": None, "top_k": None})
+        return settings
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        results = []
+        for context, doc_to_target, doc_to_visual, doc_id, task, split in [request.args for request in requests]:
+            doc = self._doc(task, split, doc_id)
+            continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
+            visuals = list(doc_to_visual(doc))
+            prompt = self._prompt(context, visuals)
+            inputs = self._encode([f"{prompt} {continuation}"], visuals)
+            prompt_length = self._encode([prompt], visuals)["input_ids"].shape[1]
+            with torch.inference_mode():
+                logits = self._model(**inputs).logits[0, prompt_length - 1 : -1].float()
+            targets = inputs["input_ids"][0, prompt_length:]
+            log_probs = logits.log_softmax(-1).gather(1, targets[:, None]).sum()
+            results.append((float(log_probs), bool((logits.argmax(-1) == targets).all())))
+        return results
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("multi-round generation is not supported by the dyrate-eval LLaVA models")
+
+
+class DyRateLlava(PrunedLlava):
+    """Any method of the core, chosen with ``method=`` (default: original)."""
+
+
+class OriginalLlava(PrunedLlava):
+    fixed_method = "original"
+
+
+class FastVLlava(PrunedLlava):
+    fixed_method = "fastv"
+
+
+class VTWLlava(PrunedLlava):
+    fixed_method = "vtw"

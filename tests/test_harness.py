@@ -1,0 +1,91 @@
+"""The lmms-eval integration, through the real CLI, offline. The CLI exits 0 even when
+a run fails, so every check reads the files a run writes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE_DOCS = 8
+
+
+def run_cli(args, out_dir, launcher=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = (launcher or [sys.executable, "-m", "lmms_eval"]) + [
+        *args, "--include_path", str(REPO / "tasks"), "--output_path", str(out_dir), "--log_samples", "--timezone", "UTC",
+    ]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return done.stdout + done.stderr
+
+
+def read_run(out_dir):
+    results = list(Path(out_dir).glob("**/*_results.json"))
+    samples = list(Path(out_dir).glob("**/*_samples_dyrate_smoke.jsonl"))
+    assert len(results) == 1 and len(samples) == 1, f"expected one results and one samples file in {out_dir}"
+    responses = {}
+    for line in samples[0].read_text().splitlines():
+        sample = json.loads(line)
+        responses[sample["doc_id"]] = sample["filtered_resps"]
+    return json.loads(results[0].read_text()), responses
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    log = run_cli(["--model", "fastv_llava", "--model_args", f"pretrained={tiny_dir},K=2,R=0.5", "--tasks", "dyrate_smoke"], out)
+    return out, log
+
+
+def test_fastv_through_the_cli_writes_the_metric(single_run):
+    out, log = single_run
+    results, responses = read_run(out)
+    assert "exact_match,none" in results["results"]["dyrate_smoke"], log[-2000:]
+    assert sorted(responses) == list(range(SMOKE_DOCS))
+    assert "rank 0/1: 8 generation requests, method fastv" in log
+
+
+def test_batched_run_gives_the_same_answers(single_run, tiny_dir, tmp_path):
+    args = ["--model", "dyrate_llava", "--model_args", f"pretrained={tiny_dir},method=fastv,K=2,R=0.5", "--batch_size", "2"]
+    log = run_cli([*args, "--tasks", "dyrate_smoke"], tmp_path)
+    _, responses = read_run(tmp_path)
+    assert responses == read_run(single_run[0])[1], log[-2000:]
+
+
+def test_two_process_data_parallel_run_splits_the_docs_and_matches(single_run, tiny_dir, tmp_path):
+    accelerate = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", str(free_port()), "-m", "lmms_eval"]
+    args = ["--model", "fastv_llava", "--model_args", f"pretrained={tiny_dir},K=2,R=0.5", "--tasks", "dyrate_smoke"]
+    log = run_cli(args, tmp_path, launcher=accelerate)
+    assert "rank 0/2: 4 generation requests" in log and "rank 1/2: 4 generation requests" in log, log[-3000:]
+    results, responses = read_run(tmp_path)
+    assert responses == read_run(single_run[0])[1]
+    assert results["results"]["dyrate_smoke"]["exact_match,none"] == read_run(single_run[0])[0]["results"]["dyrate_smoke"]["exact_match,none"]
+
+
+@pytest.mark.parametrize(
+    "model,model_args,message",
+    [
+        ("dyrate_llava", "method=fastv,K=9", "K=9 is not allowed for method 'fastv': K must be an integer in 1..3"),
+        ("dyrate_llava", "method=pyramid", "unknown method 'pyramid': allowed methods are original, fastv, vtw"),
+        ("fastv_llava", "R=2", "R=2 is not allowed for method 'fastv': R must be a number in [0, 1]"),
+        ("vtw_llava", "R=0.5", "method 'vtw' does not take setting 'R'; it takes: K"),
+        ("vtw_llava", "method=fastv", "method='fastv' is not allowed for this model: it always runs 'vtw'"),
+    ],
+)
+def test_bad_settings_through_the_cli(tiny_dir, tmp_path, model, model_args, message):
+    log = run_cli(["--model", model, "--model_args", f"pretrained={tiny_dir},{model_args}", "--tasks", "dyrate_smoke"], tmp_path)
+    assert message in log
+    assert not list(tmp_path.glob("**/*_results.json"))
+    assert "Loading weights" not in log, "the settings must be refused before the weights load"
