@@ -270,7 +270,7 @@ class _PrunedDecoderMixin:
                     q_row=new_tokens - 1,
                 )
                 if img_kept is not None:
-                    self._dyrate_evict(state, cache, layer_idx, img_kept)
+                    self._dyrate_evict(state, cache, layer_idx, img_kept, new_tokens)
             layer_input = hidden
             hidden = layer(
                 hidden,
@@ -284,8 +284,11 @@ class _PrunedDecoderMixin:
         self._dyrate_record_step(state, attention_mask, queries_per_layout=False, new_tokens=new_tokens)
         return hidden
 
-    def _dyrate_evict(self, state, cache, first_layer, img_kept):
-        """Remove image slots not in ``img_kept`` from the caches of layers >= first_layer."""
+    def _dyrate_evict(self, state, cache, first_layer, img_kept, new_tokens):
+        """Remove image slots not in ``img_kept`` from the caches of layers >= first_layer.
+
+        Their layouts already end with this step's ``new_tokens`` (always kept), which
+        those layers have not cached yet."""
         slot_table = state.slot_of_position()
         evicted: dict[int, tuple[_KeyLayout, torch.Tensor]] = {}
         for layer_idx in range(first_layer, len(self.layers)):
@@ -296,7 +299,8 @@ class _PrunedDecoderMixin:
             new_layout, local = evicted[id(old)]
             state.layouts[layer_idx] = new_layout
             cache_layer = cache.layers[layer_idx]
-            index = local[:, None, :, None].expand(-1, cache_layer.keys.shape[1], -1, cache_layer.keys.shape[-1])
+            cached = local[:, : local.shape[1] - new_tokens]
+            index = cached[:, None, :, None].expand(-1, cache_layer.keys.shape[1], -1, cache_layer.keys.shape[-1])
             cache_layer.keys = cache_layer.keys.gather(2, index)
             cache_layer.values = cache_layer.values.gather(2, index)
 

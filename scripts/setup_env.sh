@@ -27,7 +27,7 @@ if ! "$python" -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch==2.13.0"
   "$python" -m pip install --quiet torch==2.13.0
 fi
-torch_version="$("$python" -c "import torch; print(torch.__version__)")"
+torch_version="$("$python" -c "import torch; print(torch.__version__)" 2>/dev/null)"
 constraints="$venv/torch-constraint.txt"
 echo "torch==${torch_version}" > "$constraints"
 

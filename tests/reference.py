@@ -64,3 +64,34 @@ def greedy(model, inputs, new_tokens=6, **kwargs):
             return_dict_in_generate=True, min_new_tokens=new_tokens, **kwargs,
         )
     return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, dim=1), out
+
+
+class ProgressiveEviction:
+    """Reference for per-step eviction: at every forward, layer K-1's eager attention
+    weights of the step's query (last row, head-averaged) rank the image tokens still
+    kept; the top ``keep_per_step[t]`` stay, the rest are masked out of layers >= K in
+    this and every later step."""
+
+    def __init__(self, model, K, image_positions_per_row, keep_per_step):
+        self.kept = [positions.clone() for positions in image_positions_per_row]
+        self.all_images = image_positions_per_row
+        self.keep_per_step = keep_per_step
+        self.step = 0
+        layers = model.model.language_model.layers
+        self.handles = [layers[K - 1].self_attn.register_forward_hook(self._select)]
+        self.masking = MaskedKeys(model, K, [positions[:0] for positions in image_positions_per_row])
+
+    def _select(self, module, args, output):
+        weights = output[1]  # (B, H, q, kv): eager attention returns its weights
+        keep = self.keep_per_step[min(self.step, len(self.keep_per_step) - 1)]
+        for row in range(weights.shape[0]):
+            if keep < len(self.kept[row]):
+                scores = weights[row, :, -1, :].mean(0)[self.kept[row]]
+                self.kept[row] = self.kept[row][scores.topk(keep).indices].sort().values
+            self.masking.dropped[row] = self.all_images[row][~torch.isin(self.all_images[row], self.kept[row])]
+        self.step += 1
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+        self.masking.remove()

@@ -127,3 +127,21 @@ def test_remove_pruning_restores_the_model(tiny_dir, make_inputs):
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, reference)
     assert executed_plan is not None
+
+
+@pytest.mark.parametrize("method,settings", [("fastv", {"K": 2, "R": 0.75}), ("vtw", {"K": 1})])
+def test_right_padded_prefill_equals_single_runs(tiny_dir, processor, make_inputs, method, settings):
+    """Scoring uses each row's last real token, and padding never counts as a key."""
+    model = apply_pruning(load_model(tiny_dir), method=method, **settings)
+    processor.tokenizer.padding_side = "right"
+    try:
+        batch = make_inputs((0, 1))
+    finally:
+        processor.tokenizer.padding_side = "left"
+    assert batch["attention_mask"][0, -1] == 0, "row 0 should be padded on the right"
+    with torch.no_grad():
+        batch_logits = model(**batch).logits
+        for row in range(2):
+            single = make_inputs((row,))
+            length = single["input_ids"].shape[1]
+            torch.testing.assert_close(batch_logits[row, length - 1], model(**single).logits[0, -1], atol=1e-5, rtol=0)
