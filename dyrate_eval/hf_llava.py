@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers import DynamicCache
@@ -134,7 +135,7 @@ class _PrunedDecoderMixin:
     _dyrate_policy: PruningPolicy
     _dyrate_image_token_id: int
     _dyrate_prompt_ids: torch.Tensor | None
-    _dyrate_rotary: callable
+    _dyrate_rotary: Callable
     last_plan: ExecutedPlan | None
 
     def forward(

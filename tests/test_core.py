@@ -145,3 +145,14 @@ def test_right_padded_prefill_equals_single_runs(tiny_dir, processor, make_input
             single = make_inputs((row,))
             length = single["input_ids"].shape[1]
             torch.testing.assert_close(batch_logits[row, length - 1], model(**single).logits[0, -1], atol=1e-5, rtol=0)
+
+
+def test_prefill_without_cache_scores_from_recomputed_keys(tiny_dir, make_inputs):
+    """With use_cache=False the observation layer's keys are recomputed, not read from a cache."""
+    model = apply_pruning(load_model(tiny_dir), method="fastv", K=2, R=0.75)
+    inputs = make_inputs((0, 1))
+    with torch.no_grad():
+        cached = model(**inputs, use_cache=True).logits
+        uncached = model(**inputs, use_cache=False).logits
+    torch.testing.assert_close(uncached, cached, atol=1e-5, rtol=0)
+    assert executed_plan(model).kept_image_tokens()[:, 0, 2:].eq(16).all()
