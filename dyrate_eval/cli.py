@@ -53,6 +53,13 @@ def _cmd_generate(args) -> None:
     print(f"image tokens: {plan['n_img']}; kept per layer at prefill: {plan['kept_image'][0]}", file=sys.stderr)
 
 
+def _cmd_make_shapes_tasks(args) -> None:
+    from .shapes_tasks import write_task_data
+
+    for name, count in write_task_data(args.out).items():
+        print(f"{args.out}/{name}.jsonl: {count} items")
+
+
 def _cmd_summarize(args) -> None:
     from .results import write_summary
 
@@ -81,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="method settings, e.g. K=2 R=0.5")
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.set_defaults(run=_cmd_generate)
+
+    shapes = commands.add_parser("make-shapes-tasks", help="regenerate the embedded tasks' held-out data")
+    shapes.add_argument("--out", default="tasks/shapes/data")
+    shapes.set_defaults(run=_cmd_make_shapes_tasks)
 
     summarize = commands.add_parser("summarize", help="scores of lmms-eval runs as CSV and markdown")
     summarize.add_argument("runs", nargs="+", help="lmms-eval output folders or results files")

@@ -1,0 +1,78 @@
+"""The embedded shapes tasks: reproducible data, correct scoring, and a run of the
+whole group through the lmms-eval CLI."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from dyrate_eval.shapes_tasks import EVAL_SEED, SCENE_RANGES, write_task_data
+
+from .test_harness import REPO, run_cli
+
+TASK_DIR = REPO / "tasks" / "shapes"
+
+
+def load_task_utils():
+    spec = importlib.util.spec_from_file_location("shapes_utils", TASK_DIR / "utils.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_data_is_what_the_generator_writes(tmp_path):
+    counts = write_task_data(tmp_path)
+    assert counts == {"caption": 200, "vqa": 300, "pope": 300, "mcq": 300}
+    for name in counts:
+        assert (tmp_path / f"{name}.jsonl").read_text() == (TASK_DIR / "data" / f"{name}.jsonl").read_text(), name
+
+
+def test_held_out_scenes_use_their_own_seed_and_ranges():
+    assert EVAL_SEED != 0, "training draws seed 0"
+    ranges = [set(r) for r in SCENE_RANGES.values()]
+    assert all(not (a & b) for i, a in enumerate(ranges) for b in ranges[i + 1:])
+
+
+def test_caption_scores_reward_matching_captions():
+    utils = load_task_utils()
+    docs = [json.loads(line) for line in (TASK_DIR / "data" / "caption.jsonl").read_text().splitlines()[:20]]
+    good = [utils.caption_process_results(doc, [doc["captions"][0]])["shapes_CIDEr"] for doc in docs]
+    shuffled = [utils.caption_process_results(doc, [other["captions"][0]])["shapes_CIDEr"] for doc, other in zip(docs, docs[1:] + docs[:1])]
+    assert utils.caption_cider(good) > 2.0 > utils.caption_cider(shuffled)
+    assert utils.caption_bleu4(good) > 0.8 > utils.caption_bleu4(shuffled)
+
+
+def test_pope_metrics():
+    utils = load_task_utils()
+    answers = ["Yes, there is.", "no", "yes", "No.", "There is a red circle."]
+    truths = ["yes", "no", "no", "yes", "no"]
+    results = [utils.pope_process_results({"answer": t, "split": "random"}, [a])["f1"] for a, t in zip(answers, truths)]
+    assert [r["prediction"] for r in results] == ["yes", "no", "yes", "no", "no"]
+    assert utils.pope_accuracy(results) == pytest.approx(3 / 5)
+    assert utils.pope_precision(results) == pytest.approx(1 / 2)
+    assert utils.pope_recall(results) == pytest.approx(1 / 2)
+    assert utils.pope_f1(results) == pytest.approx(1 / 2)
+    assert utils.pope_yes_ratio(results) == pytest.approx(2 / 5)
+
+
+def test_mcq_reads_the_chosen_letter():
+    utils = load_task_utils()
+    assert [utils.chosen_letter(text) for text in ("B", "b.", "The answer is C", "(D) pink", "none")] == ["B", "B", "C", "D", None]
+    assert utils.mcq_process_results({"answer": "C"}, ["C. red"]) == {"accuracy": 1.0}
+
+
+def test_the_shapes_group_runs_through_the_cli(tiny_dir, tmp_path):
+    log = run_cli(["--model", "original_llava", "--model_args", f"pretrained={tiny_dir}", "--tasks", "shapes", "--limit", "4"], tmp_path)
+    files = list(Path(tmp_path).glob("**/*_results.json"))
+    assert len(files) == 1, log[-3000:]
+    results = json.loads(files[0].read_text())["results"]
+    expected = {
+        "shapes_caption": ["shapes_CIDEr", "shapes_Bleu_4"],
+        "shapes_vqa": ["exact_match"],
+        "shapes_pope": ["accuracy", "precision", "recall", "f1", "yes_ratio"],
+        "shapes_mcq": ["accuracy"],
+    }
+    for task, metrics in expected.items():
+        for metric in metrics:
+            assert isinstance(results[task][f"{metric},none"], float), (task, metric)
