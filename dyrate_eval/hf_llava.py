@@ -222,7 +222,7 @@ class _PrunedDecoderMixin:
         for layer_idx, layer in enumerate(self.layers):
             if layer_idx > 0:
                 img_kept = self._dyrate_select(
-                    state, layer_idx, layer_input, (cos, sin), query_timeline, attention_mask, cache, q_row=None
+                    state, layer_idx, layout, layer_input, (cos, sin), query_timeline, attention_mask, cache, q_row=None
                 )
                 if img_kept is not None:
                     if full_hidden is None:
@@ -243,7 +243,7 @@ class _PrunedDecoderMixin:
                 use_cache=cache is not None,
                 **kwargs,
             )
-        self._dyrate_record_step(state, attention_mask, queries_per_layout=True)
+        self._dyrate_record_step(state, attention_mask, new_tokens=length)
         if full_hidden is None:
             return hidden
         self._dyrate_scatter_rows(full_hidden, hidden, layout)
@@ -267,8 +267,8 @@ class _PrunedDecoderMixin:
         for layer_idx, layer in enumerate(self.layers):
             if layer_idx > 0:
                 img_kept = self._dyrate_select(
-                    state, layer_idx, layer_input, (cos, sin), query_timeline, attention_mask, cache,
-                    q_row=new_tokens - 1,
+                    state, layer_idx, state.layouts[layer_idx], layer_input, (cos, sin), query_timeline,
+                    attention_mask, cache, q_row=new_tokens - 1,
                 )
                 if img_kept is not None:
                     self._dyrate_evict(state, cache, layer_idx, img_kept, new_tokens)
@@ -282,7 +282,7 @@ class _PrunedDecoderMixin:
                 use_cache=True,
                 **kwargs,
             )
-        self._dyrate_record_step(state, attention_mask, queries_per_layout=False, new_tokens=new_tokens)
+        self._dyrate_record_step(state, attention_mask, new_tokens)
         return hidden
 
     def _dyrate_evict(self, state, cache, first_layer, img_kept, new_tokens):
@@ -307,11 +307,10 @@ class _PrunedDecoderMixin:
 
     # -- shared pieces -----------------------------------------------------------------
 
-    def _dyrate_select(self, state, layer_idx, layer_input, rotary, query_timeline, timeline_mask, cache, q_row):
-        """Ask the policy before ``layer_idx``. Returns the image slots to keep from this
-        layer on (top by the step's attention at layer_idx-1 among those still kept), or
-        None when nothing changes."""
-        layout = state.layouts[layer_idx] if state.layouts[layer_idx] is not None else state.layouts[layer_idx - 1]
+    def _dyrate_select(self, state, layer_idx, layout, layer_input, rotary, query_timeline, timeline_mask, cache, q_row):
+        """Ask the policy before ``layer_idx``, whose keys are ``layout`` so far. Returns
+        the image slots to keep from this layer on (top by the step's attention at
+        layer_idx-1 among those still kept), or None when nothing changes."""
         kept_now = layout.img_kept.sum(1)
         keep = self._dyrate_policy.keep_before_layer(
             layer_idx, state.step, StepView(n_img=state.plan.n_img, kept=kept_now)
@@ -379,14 +378,14 @@ class _PrunedDecoderMixin:
         rows = torch.arange(full.shape[0], device=full.device)[:, None].expand_as(layout.index)
         full[rows[layout.valid], layout.index[layout.valid]] = hidden[layout.valid]
 
-    def _dyrate_record_step(self, state, timeline_mask, queries_per_layout, new_tokens=0):
+    def _dyrate_record_step(self, state, timeline_mask, new_tokens):
         counts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for layout in state.layouts:
             if id(layout) in counts:
                 continue
             real = layout.valid if timeline_mask is None else layout.valid & timeline_mask.gather(1, layout.index)
             keys = real.sum(1)
-            if queries_per_layout:
+            if state.step == 0:  # prefill: every kept row is a query
                 queries = keys
             elif timeline_mask is None:
                 queries = torch.full_like(keys, new_tokens)

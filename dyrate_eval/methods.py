@@ -118,6 +118,16 @@ class VTW(PruningPolicy):
 
 METHODS: dict[str, type[PruningPolicy]] = {policy.name: policy for policy in (Original, FastV, VTW)}
 
+# The lmms-eval models and the method each runs: None means chosen with method=,
+# defaulting to DEFAULT_METHOD. The wrappers and the results reader both use this.
+DEFAULT_METHOD = "original"
+LMMS_MODELS: dict[str, str | None] = {
+    "dyrate_llava": None,
+    "original_llava": "original",
+    "fastv_llava": "fastv",
+    "vtw_llava": "vtw",
+}
+
 
 def make_policy(method: str, num_layers: int, **raw_settings: Any) -> PruningPolicy:
     """Validate a method and its settings against a model depth and build its policy.

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import PruningConfigError
+from .methods import DEFAULT_METHOD, LMMS_MODELS
 
 _METADATA_SUFFIXES = ("_stderr", "_stderr_clt", "_stderr_clustered")
 
@@ -52,13 +53,13 @@ def read_results_file(path: Path) -> list[dict]:
             "file": str(path),
             "model": config.get("model"),
             "pretrained": model_args.get("pretrained", "(default)"),
-            "method": model_args.get("method", config.get("model", "").removesuffix("_llava")),
+            "method": LMMS_MODELS.get(config.get("model")) or model_args.get("method", DEFAULT_METHOD),
             "settings": ",".join(f"{k}={v}" for k, v in model_args.items() if k not in ("pretrained", "method")),
             "task": task,
         }
         for key, value in metrics.items():
-            name, _, _filter = key.partition(",")
-            if _filter and not name.endswith(_METADATA_SUFFIXES) and isinstance(value, (int, float)):
+            name, _, filter_name = key.partition(",")
+            if filter_name and not name.endswith(_METADATA_SUFFIXES) and isinstance(value, (int, float)):
                 row[name] = value
         rows.append(row)
     return rows

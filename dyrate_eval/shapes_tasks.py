@@ -74,7 +74,8 @@ def _pope_docs():
 def _mcq_docs():
     for doc_id, scene_id in enumerate(SCENE_RANGES["mcq"]):
         scene = sample_scene(scene_id, EVAL_SEED)
-        item = random.Random(f"mcq:{scene_id}").choice(mcq_questions(scene, random.Random(f"mcq:{scene_id}")))
+        rng = random.Random(f"mcq:{scene_id}")
+        item = rng.choice(mcq_questions(scene, rng))
         yield {"doc_id": doc_id, **scene_record(scene), **item}
 
 

@@ -19,8 +19,9 @@ from loguru import logger
 from tqdm import tqdm
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-from dyrate_eval import PruningConfigError, apply_pruning
-from dyrate_eval.methods import make_policy
+from dyrate_eval import PruningConfigError
+from dyrate_eval.hf_llava import install
+from dyrate_eval.methods import DEFAULT_METHOD, LMMS_MODELS, make_policy
 from dyrate_eval.prompts import IMAGE_PLACEHOLDER, llava_prompt
 
 DEFAULT_PRETRAINED = "llava-hf/llava-1.5-7b-hf"
@@ -31,8 +32,7 @@ _SAMPLING_KEYS = ("temperature", "top_p", "top_k")
 
 class PrunedLlava(lmms):
     is_simple = True
-    fixed_method: str | None = None  # set by the per-method presets
-    default_method = "original"
+    lmms_name = "dyrate_llava"  # its entry in LMMS_MODELS says which method it runs
 
     def __init__(
         self,
@@ -49,7 +49,7 @@ class PrunedLlava(lmms):
         method = self._resolve_method(method)
         config = AutoConfig.from_pretrained(pretrained)
         # Validate the method against the model's depth before loading any weights.
-        make_policy(method, config.text_config.num_hidden_layers, **method_settings)
+        policy = make_policy(method, config.text_config.num_hidden_layers, **method_settings)
         try:
             self.batch_size_per_gpu = int(batch_size)
         except ValueError:
@@ -72,21 +72,22 @@ class PrunedLlava(lmms):
         self._model = LlavaForConditionalGeneration.from_pretrained(
             pretrained, dtype=torch_dtype, attn_implementation=attn_implementation, device_map=str(self._device)
         ).eval()
-        apply_pruning(self._model, method=method, **method_settings)
+        install(self._model, policy)
         self.method = method
         self.processor = AutoProcessor.from_pretrained(pretrained)
         self.processor.tokenizer.padding_side = "left"  # batched generation
         self.tokenizer = self.processor.tokenizer
 
     def _resolve_method(self, method: str | None) -> str:
-        if self.fixed_method is None:
-            return method or self.default_method
-        if method not in (None, self.fixed_method):
+        fixed_method = LMMS_MODELS[self.lmms_name]
+        if fixed_method is None:
+            return method or DEFAULT_METHOD
+        if method not in (None, fixed_method):
             raise PruningConfigError(
-                f"method={method!r} is not allowed for this model: it always runs {self.fixed_method!r}; "
+                f"method={method!r} is not allowed for this model: it always runs {fixed_method!r}; "
                 "use --model dyrate_llava to choose the method"
             )
-        return self.fixed_method
+        return fixed_method
 
     def _resolve_dtype(self, dtype: str) -> torch.dtype:
         if dtype == "auto":
@@ -201,12 +202,12 @@ class DyRateLlava(PrunedLlava):
 
 
 class OriginalLlava(PrunedLlava):
-    fixed_method = "original"
+    lmms_name = "original_llava"
 
 
 class FastVLlava(PrunedLlava):
-    fixed_method = "fastv"
+    lmms_name = "fastv_llava"
 
 
 class VTWLlava(PrunedLlava):
-    fixed_method = "vtw"
+    lmms_name = "vtw_llava"

@@ -4,6 +4,7 @@ Captions are scored with pycocoevalcap (PTB tokenizer, CIDEr, BLEU), as lmms-eva
 caption benchmarks are; yes/no answers with POPE's metrics; letters by exact choice.
 """
 
+import functools
 import re
 
 from pycocoevalcap.bleu.bleu import Bleu
@@ -33,15 +34,21 @@ def caption_doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def caption_process_results(doc, results):
-    entry = {"doc_id": doc["doc_id"], "references": doc["captions"], "prediction": results[0]}
+    entry = {"doc_id": doc["doc_id"], "references": tuple(doc["captions"]), "prediction": results[0]}
     return {"shapes_CIDEr": entry, "shapes_Bleu_4": entry}
 
 
-def _tokenized(results):
+@functools.lru_cache(maxsize=2)
+def _tokenized_cached(entries):
+    # The PTB tokenizer starts a JVM: tokenize once for both caption metrics of a run.
     tokenizer = PTBTokenizer()
-    references = {r["doc_id"]: [{"caption": c} for c in r["references"]] for r in results}
-    predictions = {r["doc_id"]: [{"caption": r["prediction"]}] for r in results}
+    references = {doc_id: [{"caption": c} for c in refs] for doc_id, refs, _ in entries}
+    predictions = {doc_id: [{"caption": prediction}] for doc_id, _, prediction in entries}
     return tokenizer.tokenize(references), tokenizer.tokenize(predictions)
+
+
+def _tokenized(results):
+    return _tokenized_cached(tuple((r["doc_id"], tuple(r["references"]), r["prediction"]) for r in results))
 
 
 def caption_cider(results, args=None):
