@@ -43,5 +43,10 @@ if "$python" -m pip show --quiet torchvision >/dev/null 2>&1 && ! "$python" -c "
   "$python" -m pip uninstall --quiet -y torchvision timm
 fi
 
+# Caption metrics (pycocoevalcap's PTB tokenizer) run java; pip cannot install it.
+if ! command -v java >/dev/null 2>&1; then
+  echo "[setup] warning: no java found; caption tasks (shapes_caption, nocaps_val, flickr30k_test) need a Java runtime, e.g. apt-get install default-jre-headless" >&2
+fi
+
 echo "$want" > "$stamp"
 echo "[setup] ready: $venv"
