@@ -1,56 +1,68 @@
 #!/usr/bin/env bash
-# The main job: every method on the shared core, evaluated through lmms-eval, then a
-# summary into results/.
+# The main job: every method on the shared core, evaluated through lmms-eval on the
+# embedded default (the trained shapes model shipped in dyrate_eval/embedded_llava and
+# the `shapes` tasks), then the tables into results/.
 #
-# Until the embedded default (a trained small LLaVA and its shapes tasks) lands, the
-# grid runs on the offline smoke task with a tiny random-weight LLaVA: it checks the
-# whole path (install, model wrappers, harness, result files, summary), not accuracy.
+# The grid: the original model; FastV at K=2 with R = 0.5, 0.75, 0.9, each with its
+# attention-ranked selection and with a random selection of the same count; FastV at
+# K=3 and K=4 (R=0.75); VTW at its default K (half the depth) and at K=2.
 #
 # Resumable: each cell is written to a temporary folder and moved into place only when
 # its results file exists, so an interrupted run loses nothing and a rerun skips the
-# finished cells. --force recomputes every cell.
+# finished cells. --force recomputes every cell. --limit N evaluates N items per task, a
+# quick check of the path whose tables (in runs/embedded-limitN/report) say nothing about
+# accuracy.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 force=0
-for arg in "$@"; do
-  case "$arg" in
+limit=()
+runs=runs/embedded
+while [ $# -gt 0 ]; do
+  case "$1" in
     --force) force=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
-    *) echo "run_all.sh: unknown argument $arg (allowed: --force)" >&2; exit 2 ;;
+    --limit) limit=(--limit "$2"); runs=runs/embedded-limit$2; shift ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "run_all.sh: unknown argument $1 (allowed: --force, --limit N)" >&2; exit 2 ;;
   esac
+  shift
 done
 
 ./scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 bin=.venv/bin
-model=runs/tiny-llava
-runs=runs/smoke
-[ -f "$model/config.json" ] || "$bin/dyrate-eval" make-tiny-model --out "$model" >/dev/null
 
-# cell name | lmms-eval model | model_args beyond pretrained
+# cell name | lmms-eval model | model_args (the embedded model is the default pretrained)
 cells=(
   "original|original_llava|"
   "fastv_K2_R0.5|fastv_llava|K=2,R=0.5"
   "fastv_K2_R0.75|fastv_llava|K=2,R=0.75"
+  "fastv_K2_R0.9|fastv_llava|K=2,R=0.9"
+  "fastv_K2_R0.5_random|fastv_llava|K=2,R=0.5,selection=random"
+  "fastv_K2_R0.75_random|fastv_llava|K=2,R=0.75,selection=random"
+  "fastv_K2_R0.9_random|fastv_llava|K=2,R=0.9,selection=random"
+  "fastv_K3_R0.75|fastv_llava|K=3,R=0.75"
+  "fastv_K4_R0.75|fastv_llava|K=4,R=0.75"
+  "vtw_default|vtw_llava|"
   "vtw_K2|vtw_llava|K=2"
 )
 
 total=${#cells[@]}
 index=0
 for cell in "${cells[@]}"; do
-  IFS='|' read -r name lmms_model extra <<<"$cell"
+  IFS='|' read -r name lmms_model model_args <<<"$cell"
   index=$((index + 1))
   out="$runs/$name"
   if [ "$force" = 0 ] && compgen -G "$out/*/*_results.json" >/dev/null; then
     echo "[$index/$total] $name: done earlier, skipped"
     continue
   fi
-  echo "[$index/$total] $name: running"
+  echo "[$index/$total] $name: running (log: $out.partial/log.txt)"
+  started=$SECONDS
   rm -rf "$out" "$out.partial"
   mkdir -p "$out.partial"
-  "$bin/lmms-eval" --model "$lmms_model" --model_args "pretrained=$model${extra:+,$extra}" \
-    --tasks dyrate_smoke --include_path tasks --output_path "$out.partial" --log_samples --timezone UTC \
+  "$bin/lmms-eval" --model "$lmms_model" ${model_args:+--model_args "$model_args"} --batch_size 8 \
+    --tasks shapes --include_path tasks --output_path "$out.partial" --log_samples --timezone UTC "${limit[@]}" \
     >"$out.partial/log.txt" 2>&1 || true
   # lmms-eval exits 0 even when evaluation fails: the results file is the only proof.
   if ! compgen -G "$out.partial/*/*_results.json" >/dev/null; then
@@ -59,6 +71,9 @@ for cell in "${cells[@]}"; do
     exit 1
   fi
   mv "$out.partial" "$out"
+  echo "[$index/$total] $name: done in $((SECONDS - started)) s"
 done
 
-"$bin/dyrate-eval" summarize "$runs" --out results --name smoke_methods
+report=results
+[ ${#limit[@]} = 0 ] || report=$runs/report
+"$bin/dyrate-eval" summarize "$runs" --out "$report" --name embedded

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import EMBEDDED_MODEL_DIR
 from .errors import PruningConfigError
 
 
@@ -21,6 +22,26 @@ def _cmd_make_tiny_model(args) -> None:
     from .tiny_model import save_tiny_llava
 
     print(save_tiny_llava(args.out, num_layers=args.layers, image_size=args.image_size, seed=args.seed))
+
+
+def _cmd_train_embedded(args) -> None:
+    import dataclasses
+
+    from .train_embedded import TrainConfig, train_embedded
+
+    config = TrainConfig.tiny() if args.tiny else TrainConfig()
+    fields = {field.name: field.type for field in dataclasses.fields(TrainConfig)}
+    overrides = {}
+    for key, value in _method_settings(args.set).items():
+        if key not in fields:
+            raise PruningConfigError(f"train-embedded has no setting {key!r}; it has: {', '.join(fields)}")
+        kind = float if fields[key] in (float, "float") else int
+        try:
+            overrides[key] = kind(value)
+        except ValueError:
+            raise PruningConfigError(f"{key}={value!r} is not allowed: {key} must be a {kind.__name__}") from None
+    log = train_embedded(args.out, dataclasses.replace(config, **overrides))
+    print(f"{args.out}: {log['parameters']:,} parameters, trained in {log['seconds'] / 60:.1f} min")
 
 
 def _method_settings(pairs: list[str]) -> dict[str, str]:
@@ -81,13 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(run=_cmd_make_tiny_model)
 
     generate = commands.add_parser("generate", help="answer one image and prompt with a method, print its plan")
-    generate.add_argument("--pretrained", required=True)
+    generate.add_argument("--pretrained", default=str(EMBEDDED_MODEL_DIR), help="default: the embedded model")
     generate.add_argument("--image", required=True)
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--method", default="original")
     generate.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="method settings, e.g. K=2 R=0.5")
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.set_defaults(run=_cmd_generate)
+
+    train = commands.add_parser(
+        "train-embedded", help="train the embedded model from scratch on the shapes world (about an hour on 2 CPU cores)"
+    )
+    train.add_argument("--out", required=True, help="folder for the model, its processor and training_log.json")
+    train.add_argument("--tiny", action="store_true", help="a few steps of a tiny model (checks the pipeline)")
+    train.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="override TrainConfig fields, e.g. stage2_steps=400")
+    train.set_defaults(run=_cmd_train_embedded)
 
     shapes = commands.add_parser("make-shapes-tasks", help="regenerate the embedded tasks' held-out data")
     shapes.add_argument("--out", default="tasks/shapes/data")

@@ -310,7 +310,8 @@ class _PrunedDecoderMixin:
     def _dyrate_select(self, state, layer_idx, layout, layer_input, rotary, query_timeline, timeline_mask, cache, q_row):
         """Ask the policy before ``layer_idx``, whose keys are ``layout`` so far. Returns
         the image slots to keep from this layer on (top by the step's attention at
-        layer_idx-1 among those still kept), or None when nothing changes."""
+        layer_idx-1 among those still kept, unless the policy ranks them itself), or None
+        when nothing changes."""
         kept_now = layout.img_kept.sum(1)
         keep = self._dyrate_policy.keep_before_layer(
             layer_idx, state.step, StepView(n_img=state.plan.n_img, kept=kept_now)
@@ -322,9 +323,12 @@ class _PrunedDecoderMixin:
             return None
         if bool((keep == 0).all()):
             return torch.zeros_like(layout.img_kept)
-        scores = self._dyrate_image_scores(
-            state, layer_idx - 1, layer_input, rotary, query_timeline, timeline_mask, cache, q_row
-        ).masked_fill(~layout.img_kept, float("-inf"))
+        scores = self._dyrate_policy.selection_scores(layout.img_kept)
+        if scores is None:
+            scores = self._dyrate_image_scores(
+                state, layer_idx - 1, layer_input, rotary, query_timeline, timeline_mask, cache, q_row
+            )
+        scores = scores.masked_fill(~layout.img_kept, float("-inf"))
         order = scores.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
         return (rank < keep[:, None]) & layout.img_kept

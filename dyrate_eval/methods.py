@@ -51,6 +51,18 @@ def layer_setting(default: Callable[[int], int]) -> Setting:
 
 
 RATE_SETTING = Setting("R", "a number in [0, 1]", _parse_rate, lambda num_layers: 0.5)
+SELECTIONS = ("attention", "random")
+
+
+def _parse_selection(value: Any, num_layers: int) -> str:
+    if value not in SELECTIONS:
+        raise ValueError
+    return value
+
+
+# Random selection of the same count is the control that tells whether the attention
+# ranking carries information on a model.
+SELECTION_SETTING = Setting("selection", " or ".join(SELECTIONS), _parse_selection, lambda num_layers: "attention")
 
 
 @dataclass
@@ -80,6 +92,11 @@ class PruningPolicy:
         """Image tokens to keep per sample from ``layer`` on, or None to keep the current set."""
         return None
 
+    def selection_scores(self, candidates: torch.Tensor) -> torch.Tensor | None:
+        """Scores ranking the (B, N) ``candidates`` for keeping, or None for the default:
+        the attention the executor measures."""
+        return None
+
 
 class Original(PruningPolicy):
     """No pruning: the reference every ratio is taken against."""
@@ -89,14 +106,25 @@ class Original(PruningPolicy):
 
 class FastV(PruningPolicy):
     """At prefill, after layer K-1, keep the top (1-R) share of image tokens for all
-    layers >= K and for the whole generation."""
+    layers >= K and for the whole generation. ``selection=random`` keeps a random set
+    of the same size instead (a control for the attention ranking)."""
 
     name = "fastv"
-    settings = (layer_setting(lambda num_layers: 2), RATE_SETTING)
+    settings = (layer_setting(lambda num_layers: 2), RATE_SETTING, SELECTION_SETTING)
+
+    def __init__(self, num_layers, values):
+        super().__init__(num_layers, values)
+        # seeded once per model: a rerun of the same requests drops the same tokens
+        self._random = torch.Generator().manual_seed(0)
 
     def keep_before_layer(self, layer, step, view):
         if step == 0 and layer == self.K:
             return torch.round((1.0 - self.R) * view.n_img.double()).long()
+        return None
+
+    def selection_scores(self, candidates):
+        if self.selection == "random":
+            return torch.rand(candidates.shape, generator=self._random).to(candidates.device)
         return None
 
 
@@ -155,9 +183,9 @@ def make_policy(method: str, num_layers: int, **raw_settings: Any) -> PruningPol
         try:
             values[name] = setting.parse(raw, num_layers)
         except (ValueError, TypeError):
+            depth_note = f" (this model has {num_layers} decoder layers)" if "num_layers" in setting.allowed else ""
             allowed = setting.allowed.replace("num_layers-1", str(num_layers - 1))
             raise PruningConfigError(
-                f"{name}={raw!r} is not allowed for method {method!r}: {name} must be {allowed}"
-                f" (this model has {num_layers} decoder layers)"
+                f"{name}={raw!r} is not allowed for method {method!r}: {name} must be {allowed}{depth_note}"
             ) from None
     return policy_class(num_layers, values)

@@ -23,6 +23,9 @@ SCENE_RANGES = {
     "mcq": range(3000, 3300),
 }
 VQA_KINDS = ("colour", "shape", "count", "position")
+# Prompts of the tasks (the YAML files repeat the post-prompt; a test keeps them equal).
+CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
+SHORT_ANSWER_POST_PROMPT = "\nAnswer the question using a single word or phrase."
 
 
 def scene_record(scene: Scene) -> dict:

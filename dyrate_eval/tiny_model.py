@@ -72,6 +72,50 @@ def build_processor(tokenizer, image_size: int, patch_size: int) -> LlavaProcess
     )
 
 
+def build_llava(
+    tokenizer,
+    *,
+    image_size: int,
+    patch_size: int,
+    vision: dict,
+    text: dict,
+    init_range: float = 0.02,
+    seed: int = 0,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A random-weight LLaVA-1.5-architecture model and its processor.
+
+    ``vision`` sizes the CLIP tower (hidden_size, intermediate_size, num_hidden_layers,
+    num_attention_heads) and ``text`` the Llama decoder (the same plus
+    num_key_value_heads). The projector is LLaVA-1.5's two-layer GELU MLP; the features
+    are the tower's penultimate layer without the class token, as in LLaVA-1.5.
+    """
+    processor = build_processor(tokenizer, image_size, patch_size)
+    vision_config = CLIPVisionConfig(**vision, image_size=image_size, patch_size=patch_size, projection_dim=vision["hidden_size"])
+    text_config = LlamaConfig(
+        **text,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=1024,
+        initializer_range=init_range,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        initializer_range=init_range,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, processor
+
+
 def build_tiny_llava(
     *,
     image_size: int = 112,
@@ -88,44 +132,21 @@ def build_tiny_llava(
     ``init_range`` is larger than the usual 0.02 so that attention is peaked and
     rankings of image tokens are clear-cut, as in a trained model.
     """
-    tokenizer = build_tokenizer(_BASE_CORPUS, vocab_size=400)
-    processor = build_processor(tokenizer, image_size, patch_size)
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+    return build_llava(
+        build_tokenizer(_BASE_CORPUS, vocab_size=400),
         image_size=image_size,
         patch_size=patch_size,
-        projection_dim=32,
+        vision={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+        text={
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": num_kv_heads,
+        },
+        init_range=init_range,
+        seed=seed,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=1024,
-        initializer_range=init_range,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        initializer_range=init_range,
-    )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model, processor
 
 
 def save_tiny_llava(out_dir: str | Path, **kwargs) -> Path:

@@ -19,12 +19,14 @@ from loguru import logger
 from tqdm import tqdm
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-from dyrate_eval import PruningConfigError
+from dyrate_eval import EMBEDDED_MODEL_DIR, PruningConfigError
 from dyrate_eval.hf_llava import install
 from dyrate_eval.methods import DEFAULT_METHOD, LMMS_MODELS, make_policy
 from dyrate_eval.prompts import IMAGE_PLACEHOLDER, llava_prompt
 
-DEFAULT_PRETRAINED = "llava-hf/llava-1.5-7b-hf"
+# Without pretrained= the wrappers run the embedded model, which works offline; real
+# checkpoints (e.g. llava-hf/llava-1.5-7b-hf) are given with pretrained=.
+DEFAULT_PRETRAINED = str(EMBEDDED_MODEL_DIR)
 DEFAULT_MAX_NEW_TOKENS = 128
 # Generation settings a task may give; anything else in gen_kwargs is not for HF generate.
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k")

@@ -20,6 +20,7 @@ from .conftest import load_model, make_image
         ("fastv", {"R": 1.5}, "R=1.5 is not allowed for method 'fastv': R must be a number in [0, 1]"),
         ("fastv", {"R": -0.1}, "R=-0.1 is not allowed for method 'fastv': R must be a number in [0, 1]"),
         ("vtw", {"R": 0.5}, "method 'vtw' does not take setting 'R'; it takes: K"),
+        ("fastv", {"selection": "top"}, "selection='top' is not allowed for method 'fastv': selection must be attention or random"),
         ("original", {"K": 2}, "method 'original' does not take setting 'K'; it takes: no settings"),
     ],
 )

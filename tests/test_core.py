@@ -41,6 +41,27 @@ def test_fastv_matches_masked_reference(tiny_dir, make_inputs, K, R):
     torch.testing.assert_close(logits, reference_logits, atol=1e-5, rtol=0)
 
 
+def test_fastv_random_selection_matches_masked_reference(tiny_dir, make_inputs):
+    """selection=random keeps the same count, chosen by the policy's seeded generator
+    (the first draw of a fresh model), not by attention."""
+    inputs = make_inputs((0, 1))
+    K, R = 2, 0.75
+    eager = load_model(tiny_dir, attn="eager")
+    positions = image_positions(inputs["input_ids"], eager.config.image_token_id)
+    draws = torch.rand((len(positions), len(positions[0])), generator=torch.Generator().manual_seed(0))
+    keep = round((1 - R) * len(positions[0]))
+    kept = [row_positions[row_draws.topk(keep).indices].sort().values for row_positions, row_draws in zip(positions, draws)]
+    assert any(not torch.equal(a, b) for a, b in zip(kept, fastv_selection(eager, inputs, K, R)))
+    hooks = MaskedKeys(eager, K, dropped_positions(inputs, eager.config.image_token_id, kept))
+    reference_tokens, reference_logits, _ = greedy(eager, inputs, NEW)
+    hooks.remove()
+
+    pruned = apply_pruning(load_model(tiny_dir), method="fastv", K=K, R=R, selection="random")
+    tokens, logits, _ = greedy(pruned, inputs, NEW)
+    assert torch.equal(tokens, reference_tokens)
+    torch.testing.assert_close(logits, reference_logits, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("K", [1, 2, 3])
 def test_vtw_matches_masked_reference(tiny_dir, make_inputs, K):
     inputs = make_inputs((1,))

@@ -5,8 +5,10 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
+from dyrate_eval.results import SHAPES_SCORES, write_summary
 from dyrate_eval.shapes_tasks import EVAL_SEED, SCENE_RANGES, write_task_data
 
 from .test_harness import REPO, run_cli
@@ -62,17 +64,46 @@ def test_mcq_reads_the_chosen_letter():
     assert utils.mcq_process_results({"answer": "C"}, ["C. red"]) == {"accuracy": 1.0}
 
 
-def test_the_shapes_group_runs_through_the_cli(tiny_dir, tmp_path):
-    log = run_cli(["--model", "original_llava", "--model_args", f"pretrained={tiny_dir}", "--tasks", "shapes", "--limit", "4"], tmp_path)
-    files = list(Path(tmp_path).glob("**/*_results.json"))
-    assert len(files) == 1, log[-3000:]
-    results = json.loads(files[0].read_text())["results"]
-    expected = {
-        "shapes_caption": ["shapes_CIDEr", "shapes_Bleu_4"],
-        "shapes_vqa": ["exact_match"],
-        "shapes_pope": ["accuracy", "precision", "recall", "f1", "yes_ratio"],
-        "shapes_mcq": ["accuracy"],
-    }
-    for task, metrics in expected.items():
+EXPECTED_METRICS = {
+    "shapes_caption": ["shapes_CIDEr", "shapes_Bleu_4"],
+    "shapes_vqa": ["exact_match"],
+    "shapes_pope": ["accuracy", "precision", "recall", "f1", "yes_ratio"],
+    "shapes_mcq": ["accuracy"],
+}
+
+
+@pytest.fixture(scope="module")
+def embedded_runs(tmp_path_factory):
+    """The shapes group through the CLI with no pretrained=: the embedded default model."""
+    out = tmp_path_factory.mktemp("embedded_runs")
+    logs = {}
+    for model, model_args in (("original_llava", []), ("fastv_llava", ["--model_args", "K=2,R=0.75"]), ("vtw_llava", [])):
+        logs[model] = run_cli(["--model", model, *model_args, "--tasks", "shapes", "--limit", "3", "--batch_size", "3"], out / model)
+    return out, logs
+
+
+@pytest.mark.parametrize("model", ["original_llava", "fastv_llava", "vtw_llava"])
+def test_the_shapes_group_runs_offline_on_the_embedded_default(embedded_runs, model):
+    out, logs = embedded_runs
+    files = list((out / model).glob("**/*_results.json"))
+    assert len(files) == 1, logs[model][-3000:]
+    results = json.loads(files[0].read_text())
+    assert "pretrained" not in results["config"]["model_args"]
+    for task, metrics in EXPECTED_METRICS.items():
         for metric in metrics:
-            assert isinstance(results[task][f"{metric},none"], float), (task, metric)
+            assert isinstance(results["results"][task][f"{metric},none"], float), (task, metric)
+
+
+def test_summary_tables_of_the_shapes_runs(embedded_runs, tmp_path):
+    out, _ = embedded_runs
+    table = write_summary([out], tmp_path, "embedded")
+    scores = pd.read_csv(tmp_path / "embedded_scores.csv", keep_default_na=False)
+    assert scores["method"].tolist() == ["original", "fastv", "vtw"]
+    assert scores["settings"].tolist() == ["", "K=2,R=0.75", ""]
+    assert list(scores.columns[3:]) == list(SHAPES_SCORES.values())
+    original_vqa = table[(table["method"] == "original") & (table["task"] == "shapes_vqa")]["exact_match"].item()
+    assert scores.loc[0, "vqa EM"] == original_vqa
+    by_kind = pd.read_csv(tmp_path / "embedded_by_kind.csv", keep_default_na=False)
+    # --limit 3 takes the first three docs: vqa kinds colour, shape, count; pope splits random, random, popular
+    assert {"vqa colour", "vqa shape", "vqa count", "pope random", "pope popular"} <= set(by_kind.columns)
+    assert "Run files:" in (tmp_path / "embedded_by_kind.md").read_text()
