@@ -74,6 +74,47 @@ def _cmd_generate(args) -> None:
     print(f"image tokens: {plan['n_img']}; kept per layer at prefill: {plan['kept_image'][0]}", file=sys.stderr)
 
 
+def _cmd_flops(args, extra: list[str]) -> None:
+    import json
+
+    from .flops import load_arch, paper_convention, plan_flops, simulate_plan
+    from .methods import make_policy
+
+    if len(extra) % 2 or not all(name.startswith("--") for name in extra[::2]):
+        raise PruningConfigError(f"method settings must come as --NAME VALUE pairs, e.g. --K 2 --R 0.5; got {' '.join(extra)}")
+    settings = {name[2:]: value for name, value in zip(extra[::2], extra[1::2])}
+    arch = load_arch(args.arch)
+    policy = make_policy(args.method, arch.layers, **settings)
+    plan = simulate_plan(policy, arch, args.text_tokens, args.new_tokens)
+    baseline = simulate_plan(make_policy("original", arch.layers), arch, args.text_tokens, args.new_tokens)
+    counted, original = plan_flops(plan, arch), plan_flops(baseline, arch)
+    report = {
+        "arch": arch.name,
+        **policy.describe(),
+        "image_tokens": arch.n_img,
+        "text_tokens": args.text_tokens,
+        "new_tokens": args.new_tokens,
+        "flops": counted["total"],
+        "flops_original": original["total"],
+        "ratio": counted["total"] / original["total"],
+        "flops_language_model": counted["language_model"],
+        "flops_vision": counted["vision"],
+        "flops_projector": counted["projector"],
+        "flops_scoring": counted["scoring"],
+        "prefill_ratio": counted["prefill"] / original["prefill"],
+        "ratio_paper_convention": paper_convention(plan, arch) / paper_convention(baseline, arch),
+    }
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(f"{arch.name}, {policy.describe()}, {arch.n_img} image + {args.text_tokens} text tokens, {args.new_tokens} new tokens")
+    print(f"  total FLOPs (all parts):      {report['flops'] / 1e12:9.3f} T  ({report['ratio']:.1%} of original)")
+    print(f"    language model:             {report['flops_language_model'] / 1e12:9.3f} T  (scoring {report['flops_scoring'] / 1e9:.3f} G)")
+    print(f"    vision tower + projector:   {(report['flops_vision'] + report['flops_projector']) / 1e12:9.3f} T")
+    print(f"  prefill, exact:               {report['prefill_ratio']:.1%} of original")
+    print(f"  prefill, paper convention:    {report['ratio_paper_convention']:.1%} of original (4nd^2 + 2n^2d + 2ndm per layer)")
+
+
 def _cmd_make_shapes_tasks(args) -> None:
     from .shapes_tasks import write_task_data
 
@@ -118,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="override TrainConfig fields, e.g. stage2_steps=400")
     train.set_defaults(run=_cmd_train_embedded)
 
+    flops = commands.add_parser(
+        "flops",
+        help="FLOPs of a method on a model shape, no weights needed; method settings as --NAME VALUE (e.g. --K 2 --R 0.5)",
+    )
+    flops.add_argument("--arch", default=str(EMBEDDED_MODEL_DIR), help="llava-1.5-7b, llava-1.5-13b or a model folder")
+    flops.add_argument("--method", default="original")
+    flops.add_argument("--text-tokens", type=int, default=40, help="prompt tokens besides the image")
+    flops.add_argument("--new-tokens", type=int, default=1, help="generated tokens (1: the prefill alone)")
+    flops.add_argument("--json", action="store_true", help="print one JSON object")
+    flops.set_defaults(run=_cmd_flops, takes_extra=True)
+
     shapes = commands.add_parser("make-shapes-tasks", help="regenerate the embedded tasks' held-out data")
     shapes.add_argument("--out", default="tasks/shapes/data")
     shapes.set_defaults(run=_cmd_make_shapes_tasks)
@@ -131,9 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.run(args)
+        if getattr(args, "takes_extra", False):
+            args.run(args, extra)
+        else:
+            args.run(args)
     except PruningConfigError as error:
         print(f"dyrate-eval: error: {error}", file=sys.stderr)
         return 2

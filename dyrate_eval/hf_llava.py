@@ -67,6 +67,7 @@ class _GenerationState:
         self.layouts: list[_KeyLayout] = [None] * num_layers  # type: ignore[list-item]
         self.plan = ExecutedPlan(n_img=img_present.sum(1))
         self.step = 0
+        self.scored_keys = torch.zeros(img_pos.shape[0], num_layers, dtype=torch.long, device=img_pos.device)
 
     def slot_of_position(self) -> torch.Tensor:
         """(B, length) image slot of each timeline position, -1 for non-image positions."""
@@ -323,11 +324,12 @@ class _PrunedDecoderMixin:
             return None
         if bool((keep == 0).all()):
             return torch.zeros_like(layout.img_kept)
-        scores = self._dyrate_policy.selection_scores(layout.img_kept)
-        if scores is None:
+        if self._dyrate_policy.ranks_by_attention:
             scores = self._dyrate_image_scores(
                 state, layer_idx - 1, layer_input, rotary, query_timeline, timeline_mask, cache, q_row
             )
+        else:
+            scores = self._dyrate_policy.selection_scores(layout.img_kept)
         scores = scores.masked_fill(~layout.img_kept, float("-inf"))
         order = scores.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
@@ -372,6 +374,7 @@ class _PrunedDecoderMixin:
         if timeline_mask is not None:
             key_ok &= timeline_mask.gather(1, layout_prev.index)
         logits = logits.masked_fill(~key_ok[:, None, None, :], float("-inf"))
+        state.scored_keys[:, obs_layer] = key_ok.sum(1)  # the batch-1 cost of this row, for FLOPs
         per_key = logits.softmax(-1).mean(dim=(1, 2))  # (B, L)
         by_position = torch.zeros(batch, state.length, device=per_key.device)
         by_position.scatter_(1, layout_prev.index, per_key * layout_prev.valid)
@@ -397,7 +400,8 @@ class _PrunedDecoderMixin:
                 queries = timeline_mask[:, -new_tokens:].sum(1)
             counts[id(layout)] = (layout.img_kept.sum(1), keys, queries)
         per_layer = [counts[id(layout)] for layout in state.layouts]
-        state.plan.add_step(*(torch.stack([c[i] for c in per_layer], dim=1) for i in range(3)))
+        state.plan.add_step(*(torch.stack([c[i] for c in per_layer], dim=1) for i in range(3)), state.scored_keys)
+        state.scored_keys = torch.zeros_like(state.scored_keys)
 
 
 # -- installing on a model ---------------------------------------------------------------

@@ -92,10 +92,15 @@ class PruningPolicy:
         """Image tokens to keep per sample from ``layer`` on, or None to keep the current set."""
         return None
 
-    def selection_scores(self, candidates: torch.Tensor) -> torch.Tensor | None:
-        """Scores ranking the (B, N) ``candidates`` for keeping, or None for the default:
-        the attention the executor measures."""
-        return None
+    @property
+    def ranks_by_attention(self) -> bool:
+        """Whether the executor ranks image tokens by the attention it measures; when
+        not, ``selection_scores`` ranks them."""
+        return True
+
+    def selection_scores(self, candidates: torch.Tensor) -> torch.Tensor:
+        """Scores ranking the (B, N) ``candidates`` for keeping (higher is kept first)."""
+        raise NotImplementedError(f"{self.name} ranks image tokens by attention")
 
 
 class Original(PruningPolicy):
@@ -122,10 +127,12 @@ class FastV(PruningPolicy):
             return torch.round((1.0 - self.R) * view.n_img.double()).long()
         return None
 
+    @property
+    def ranks_by_attention(self):
+        return self.selection == "attention"
+
     def selection_scores(self, candidates):
-        if self.selection == "random":
-            return torch.rand(candidates.shape, generator=self._random).to(candidates.device)
-        return None
+        return torch.rand(candidates.shape, generator=self._random).to(candidates.device)
 
 
 class VTW(PruningPolicy):

@@ -14,7 +14,8 @@ import torch
 @dataclass
 class ExecutedPlan:
     """Per batch row: image tokens, and per step and decoder layer the kept image
-    tokens, the keys attended over and the query rows computed.
+    tokens, the keys attended over, the query rows computed, and the keys of the
+    scoring row computed at that layer to rank image tokens (0 where none was).
 
     Step 0 is the prefill; step t >= 1 is the t-th decode forward. Counts exclude
     padding and filler entries, so a row's numbers are those of a batch-1 run. With
@@ -26,16 +27,18 @@ class ExecutedPlan:
     kept_image: list[torch.Tensor] = field(default_factory=list)  # per step, (B, layers)
     keys: list[torch.Tensor] = field(default_factory=list)  # per step, (B, layers)
     queries: list[torch.Tensor] = field(default_factory=list)  # per step, (B, layers)
+    scored_keys: list[torch.Tensor] = field(default_factory=list)  # per step, (B, layers)
 
-    def add_step(self, kept_image: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor) -> None:
+    def add_step(self, kept_image: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor, scored_keys: torch.Tensor) -> None:
         self.kept_image.append(kept_image)
         self.keys.append(keys)
         self.queries.append(queries)
+        self.scored_keys.append(scored_keys)
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Follow a beam-search reordering of the batch rows."""
         self.n_img = self.n_img.index_select(0, rows.to(self.n_img.device))
-        for history in (self.kept_image, self.keys, self.queries):
+        for history in (self.kept_image, self.keys, self.queries, self.scored_keys):
             history[:] = [step.index_select(0, rows.to(step.device)) for step in history]
 
     @property
@@ -59,4 +62,5 @@ class ExecutedPlan:
             "kept_image": [self.kept_image[t][row].tolist() for t in range(steps)],
             "keys": [self.keys[t][row].tolist() for t in range(steps)],
             "queries": [self.queries[t][row].tolist() for t in range(steps)],
+            "scored_keys": [self.scored_keys[t][row].tolist() for t in range(steps)],
         }
