@@ -115,6 +115,28 @@ def _cmd_flops(args, extra: list[str]) -> None:
     print(f"  prefill, paper convention:    {report['ratio_paper_convention']:.1%} of original (4nd^2 + 2n^2d + 2ndm per layer)")
 
 
+def _cmd_bench(args) -> None:
+    import torch
+
+    from .bench import load_bench_model, parse_methods, run_bench, summarize_bench
+
+    if args.arch and args.pretrained:
+        raise PruningConfigError("give --pretrained or --arch, not both")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"auto": torch.float16 if device.startswith("cuda") else torch.float32, "float16": torch.float16,
+             "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    pretrained = None if args.arch else (args.pretrained or str(EMBEDDED_MODEL_DIR))
+    model, arch = load_bench_model(pretrained, args.arch, args.random_weights, device, dtype)
+    methods = parse_methods(args.methods, arch.layers)
+    rows = run_bench(model, arch, methods, args.samples, args.new_tokens, args.text_tokens, args.warmup)
+    if args.out:
+        rows.to_csv(args.out, index=False)
+    weights = "random weights" if args.arch or args.random_weights else "weights from the folder"
+    print(f"{arch.name} ({weights}), {device}, {dtype}, {args.samples} samples (+{args.warmup} warm-up), "
+          f"{arch.n_img} image + {args.text_tokens} text tokens, {args.new_tokens} new tokens; medians")
+    print(summarize_bench(rows).to_markdown(index=False, floatfmt=".4g"))
+
+
 def _cmd_make_shapes_tasks(args) -> None:
     from .shapes_tasks import write_task_data
 
@@ -169,6 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--new-tokens", type=int, default=1, help="generated tokens (1: the prefill alone)")
     flops.add_argument("--json", action="store_true", help="print one JSON object")
     flops.set_defaults(run=_cmd_flops, takes_extra=True)
+
+    bench = commands.add_parser("bench", help="time methods side by side on the same inputs (TTFT, decode, FLOPs, KV bytes)")
+    bench.add_argument("--pretrained", help="a model folder (default: the embedded model)")
+    bench.add_argument("--arch", help="a named shape with random weights: llava-1.5-7b or llava-1.5-13b (GPU)")
+    bench.add_argument("--random-weights", action="store_true", help="random weights from --pretrained's config")
+    bench.add_argument("--methods", default="original,fastv:K=2:R=0.5,vtw", help="comma-separated, settings after colons")
+    bench.add_argument("--samples", type=int, default=10)
+    bench.add_argument("--warmup", type=int, default=1, help="samples run first and not reported")
+    bench.add_argument("--new-tokens", type=int, default=32)
+    bench.add_argument("--text-tokens", type=int, default=40)
+    bench.add_argument("--device", help="default: cuda when available, else cpu")
+    bench.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
+    bench.add_argument("--out", help="CSV of every measured sample")
+    bench.set_defaults(run=_cmd_bench)
 
     shapes = commands.add_parser("make-shapes-tasks", help="regenerate the embedded tasks' held-out data")
     shapes.add_argument("--out", default="tasks/shapes/data")

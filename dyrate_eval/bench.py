@@ -1,0 +1,185 @@
+"""Methods timed side by side on the same inputs in one process (SPEC section 5).
+
+Per sample and method: time to first token (vision tower and prefill), decode time per
+generated token, end-to-end time, FLOPs from the executed plan, peak KV-cache bytes and,
+on a GPU, peak device memory. Methods run interleaved, sample by sample, so drifts of
+the machine hit all of them alike; the first samples are warm-up and are not reported.
+The number of new tokens is fixed, so random weights (a model built from a config,
+nothing downloaded) time the real shapes faithfully.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from .errors import PruningConfigError
+from .flops import ARCHS, Arch, plan_flops
+from .hf_llava import install, last_plan
+from .methods import PruningPolicy, make_policy
+
+
+def parse_methods(spec: str, num_layers: int) -> list[tuple[str, PruningPolicy]]:
+    """``original,fastv:K=2:R=0.5,vtw:K=16`` -> [(label, policy)], validated."""
+    methods = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, *pairs = item.split(":")
+        settings = {}
+        for pair in pairs:
+            if "=" not in pair:
+                raise PruningConfigError(f"method setting {pair!r} in {item!r} must look like NAME=VALUE, e.g. fastv:K=2:R=0.5")
+            key, value = pair.split("=", 1)
+            settings[key] = value
+        methods.append((item, make_policy(name, num_layers, **settings)))
+    if not methods:
+        raise PruningConfigError("--methods is empty: give e.g. original,fastv:K=2:R=0.5")
+    return methods
+
+
+def _random_llava_config(arch: Arch):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=arch.vision_hidden,
+        intermediate_size=arch.vision_intermediate,
+        num_hidden_layers=arch.vision_layers,
+        num_attention_heads=arch.vision_hidden // 64,
+        image_size=arch.image_size,
+        patch_size=arch.patch_size,
+        projection_dim=768,
+    )
+    text = LlamaConfig(
+        vocab_size=arch.vocab,
+        hidden_size=arch.hidden,
+        intermediate_size=arch.intermediate,
+        num_hidden_layers=arch.layers,
+        num_attention_heads=arch.heads,
+        num_key_value_heads=arch.kv_heads,
+        max_position_embeddings=4096,
+    )
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=arch.vocab - 64, vision_feature_layer=-2)
+
+
+def load_bench_model(pretrained: str | None, arch_name: str | None, random_weights: bool, device: str, dtype: torch.dtype):
+    """The model to time and its Arch. Named shapes always get random weights."""
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    if arch_name is not None:
+        if arch_name not in ARCHS:
+            raise PruningConfigError(f"--arch {arch_name!r} is not a known shape: use one of {', '.join(ARCHS)}")
+        config = _random_llava_config(ARCHS[arch_name])
+    elif random_weights:
+        config = AutoConfig.from_pretrained(pretrained)
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(pretrained, dtype=dtype, device_map=device).eval()
+        return model, Arch.from_config(model.config, Path(pretrained).name)
+    config.text_config._attn_implementation = config.vision_config._attn_implementation = "sdpa"
+    with torch.device(device):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = LlavaForConditionalGeneration(config).eval()
+        finally:
+            torch.set_default_dtype(previous)
+    return model, Arch.from_config(config, arch_name or Path(pretrained).name)
+
+
+def bench_inputs(model, arch: Arch, text_tokens: int, samples: int, seed: int = 0) -> list[dict]:
+    """Synthetic samples: BOS, text tokens around one image's tokens, random pixels."""
+    generator = torch.Generator().manual_seed(seed)
+    image_id = model.config.image_token_id
+    device, dtype = model.device, model.dtype
+    inputs = []
+    for _ in range(samples):
+        text = torch.randint(3, image_id, (text_tokens - 1,), generator=generator)
+        split = text_tokens // 3
+        ids = torch.cat([torch.tensor([1]), text[:split], torch.full((arch.n_img,), image_id), text[split:]])[None]
+        pixels = torch.randn((1, 3, arch.image_size, arch.image_size), generator=generator)
+        inputs.append({
+            "input_ids": ids.to(device),
+            "attention_mask": torch.ones_like(ids).to(device),
+            "pixel_values": pixels.to(device, dtype),
+        })
+    return inputs
+
+
+def peak_kv_bytes(plan, arch: Arch, element_size: int, row: int = 0) -> int:
+    """The largest KV cache of the row over its steps: a key and a value per entry of
+    every layer (the executor's caches hold exactly the plan's keys)."""
+    per_entry = 2 * arch.kv_heads * arch.head_dim * element_size
+    return max(int(step[row].sum()) for step in plan.keys) * per_entry
+
+
+class _StepClock(LogitsProcessor):
+    """Notes the time at which each forward's logits reach the sampler."""
+
+    def __init__(self, synchronize):
+        self.synchronize = synchronize
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.synchronize()
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def time_generation(model, arch: Arch, inputs: dict, new_tokens: int) -> dict:
+    """One greedy generation of exactly ``new_tokens`` tokens, measured."""
+    on_gpu = model.device.type == "cuda"
+    synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
+    clock = _StepClock(synchronize)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    synchronize()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            logits_processor=LogitsProcessorList([clock]), pad_token_id=0,
+        )
+    synchronize()
+    end = time.perf_counter()
+    plan = last_plan(model)
+    return {
+        "ttft_ms": (clock.times[0] - start) * 1e3,
+        "decode_ms_per_token": (clock.times[-1] - clock.times[0]) * 1e3 / max(1, new_tokens - 1),
+        "end_to_end_ms": (end - start) * 1e3,
+        "tflops": plan_flops(plan, arch)["total"] / 1e12,
+        "kv_bytes_peak": peak_kv_bytes(plan, arch, torch.tensor([], dtype=model.dtype).element_size()),
+        "device_memory_peak": torch.cuda.max_memory_allocated() if on_gpu else None,
+    }
+
+
+def run_bench(model, arch: Arch, methods: list[tuple[str, PruningPolicy]], samples: int, new_tokens: int,
+              text_tokens: int = 40, warmup: int = 1) -> pd.DataFrame:
+    """A row per (method, measured sample); the first ``warmup`` samples are dropped."""
+    rows = []
+    inputs = bench_inputs(model, arch, text_tokens, samples + warmup)
+    for index, sample in enumerate(tqdm(inputs, desc="bench")):
+        for label, policy in methods:
+            install(model, policy)
+            measured = time_generation(model, arch, sample, new_tokens)
+            if index >= warmup:
+                rows.append({"method": label, "sample": index - warmup, **measured})
+    return pd.DataFrame(rows)
+
+
+def summarize_bench(rows: pd.DataFrame) -> pd.DataFrame:
+    """Medians per method and each method's ratio to ``original`` (to the first method
+    when original was not run)."""
+    columns = ["ttft_ms", "decode_ms_per_token", "end_to_end_ms", "tflops", "kv_bytes_peak"]
+    if rows["device_memory_peak"].notna().any():
+        columns.append("device_memory_peak")
+    order = list(dict.fromkeys(rows["method"]))
+    medians = rows.groupby("method", sort=False)[columns].median().loc[order]
+    reference = "original" if "original" in medians.index else order[0]
+    ratios = medians / medians.loc[reference]
+    table = medians.copy()
+    for column in ("ttft_ms", "end_to_end_ms", "tflops", "kv_bytes_peak"):
+        table[f"{column} ratio"] = ratios[column]
+    return table.reset_index()
