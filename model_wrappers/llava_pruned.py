@@ -49,6 +49,11 @@ class PrunedLlava(lmms):
     ) -> None:
         super().__init__()
         method = self._resolve_method(method)
+        if pretrained == DEFAULT_PRETRAINED and not (EMBEDDED_MODEL_DIR / "config.json").is_file():
+            raise PruningConfigError(
+                f"the embedded model is missing from {EMBEDDED_MODEL_DIR}: train it with "
+                f"`dyrate-eval train-embedded --out {EMBEDDED_MODEL_DIR}` or give pretrained="
+            )
         config = AutoConfig.from_pretrained(pretrained)
         # Validate the method against the model's depth before loading any weights.
         policy = make_policy(method, config.text_config.num_hidden_layers, **method_settings)

@@ -73,29 +73,29 @@ EXPECTED_METRICS = {
 
 
 @pytest.fixture(scope="module")
-def embedded_runs(tmp_path_factory):
-    """The shapes group through the CLI with no pretrained=: the embedded default model."""
-    out = tmp_path_factory.mktemp("embedded_runs")
+def shapes_runs(tiny_dir, tmp_path_factory):
+    """The shapes group through the CLI, for each lmms-eval model."""
+    out = tmp_path_factory.mktemp("shapes_runs")
     logs = {}
-    for model, model_args in (("original_llava", []), ("fastv_llava", ["--model_args", "K=2,R=0.75"]), ("vtw_llava", [])):
-        logs[model] = run_cli(["--model", model, *model_args, "--tasks", "shapes", "--limit", "3", "--batch_size", "3"], out / model)
+    for model, settings in (("original_llava", ""), ("fastv_llava", ",K=2,R=0.75"), ("vtw_llava", "")):
+        args = ["--model", model, "--model_args", f"pretrained={tiny_dir}{settings}", "--tasks", "shapes", "--limit", "3", "--batch_size", "3"]
+        logs[model] = run_cli(args, out / model)
     return out, logs
 
 
 @pytest.mark.parametrize("model", ["original_llava", "fastv_llava", "vtw_llava"])
-def test_the_shapes_group_runs_offline_on_the_embedded_default(embedded_runs, model):
-    out, logs = embedded_runs
+def test_the_shapes_group_runs_through_the_cli(shapes_runs, model):
+    out, logs = shapes_runs
     files = list((out / model).glob("**/*_results.json"))
     assert len(files) == 1, logs[model][-3000:]
     results = json.loads(files[0].read_text())
-    assert "pretrained" not in results["config"]["model_args"]
     for task, metrics in EXPECTED_METRICS.items():
         for metric in metrics:
             assert isinstance(results["results"][task][f"{metric},none"], float), (task, metric)
 
 
-def test_summary_tables_of_the_shapes_runs(embedded_runs, tmp_path):
-    out, _ = embedded_runs
+def test_summary_tables_of_the_shapes_runs(shapes_runs, tmp_path):
+    out, _ = shapes_runs
     table = write_summary([out], tmp_path, "embedded")
     scores = pd.read_csv(tmp_path / "embedded_scores.csv", keep_default_na=False)
     assert scores["method"].tolist() == ["original", "fastv", "vtw"]
