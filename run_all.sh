@@ -32,6 +32,12 @@ done
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 bin=.venv/bin
 
+embedded=dyrate_eval/embedded_llava
+if [ ! -f "$embedded/config.json" ]; then
+  echo "the embedded model is missing: training it into $embedded (about an hour on 2 CPU cores)"
+  "$bin/dyrate-eval" train-embedded --out "$embedded"
+fi
+
 # cell name | lmms-eval model | model_args (the embedded model is the default pretrained)
 cells=(
   "original|original_llava|"
