@@ -59,7 +59,9 @@ for cell in "${cells[@]}"; do
   IFS='|' read -r name lmms_model model_args <<<"$cell"
   index=$((index + 1))
   out="$runs/$name"
-  if [ "$force" = 0 ] && compgen -G "$out/*/*_results.json" >/dev/null; then
+  # lmms-eval puts the results file in a subfolder named after pretrained=, or directly
+  # in the output folder when pretrained= is not given
+  if [ "$force" = 0 ] && [ -n "$(find "$out" -name '*_results.json' 2>/dev/null)" ]; then
     echo "[$index/$total] $name: done earlier, skipped"
     continue
   fi
@@ -71,7 +73,7 @@ for cell in "${cells[@]}"; do
     --tasks shapes --include_path tasks --output_path "$out.partial" --log_samples --timezone UTC "${limit[@]}" \
     >"$out.partial/log.txt" 2>&1 || true
   # lmms-eval exits 0 even when evaluation fails: the results file is the only proof.
-  if ! compgen -G "$out.partial/*/*_results.json" >/dev/null; then
+  if [ -z "$(find "$out.partial" -name '*_results.json')" ]; then
     echo "[$index/$total] $name: FAILED, no results file; log: $out.partial/log.txt" >&2
     tail -n 20 "$out.partial/log.txt" >&2
     exit 1
