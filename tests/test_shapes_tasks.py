@@ -107,3 +107,13 @@ def test_summary_tables_of_the_shapes_runs(shapes_runs, tmp_path):
     # --limit 3 takes the first three docs: vqa kinds colour, shape, count; pope splits random, random, popular
     assert {"vqa colour", "vqa shape", "vqa count", "pope random", "pope popular"} <= set(by_kind.columns)
     assert "Run files:" in (tmp_path / "embedded_by_kind.md").read_text()
+
+
+def test_the_embedded_model_is_the_default_pretrained(tmp_path):
+    """With no pretrained= the wrappers run the shipped embedded model, offline."""
+    log = run_cli(["--model", "fastv_llava", "--model_args", "K=2,R=0.75", "--tasks", "shapes_vqa", "--limit", "4"], tmp_path)
+    files = list(Path(tmp_path).glob("**/*_results.json"))
+    assert len(files) == 1, log[-3000:]
+    results = json.loads(files[0].read_text())
+    assert "pretrained" not in results["config"]["model_args"]
+    assert results["results"]["shapes_vqa"]["exact_match,none"] > 0, "the trained model answers some questions right"
