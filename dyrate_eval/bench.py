@@ -21,7 +21,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from .errors import PruningConfigError
 from .flops import ARCHS, Arch, plan_flops
 from .hf_llava import install, last_plan
-from .methods import PruningPolicy, make_policy
+from .methods import PruningPolicy, make_policy, parse_settings
 
 
 def parse_methods(spec: str, num_layers: int) -> list[tuple[str, PruningPolicy]]:
@@ -29,40 +29,11 @@ def parse_methods(spec: str, num_layers: int) -> list[tuple[str, PruningPolicy]]
     methods = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, *pairs = item.split(":")
-        settings = {}
-        for pair in pairs:
-            if "=" not in pair:
-                raise PruningConfigError(f"method setting {pair!r} in {item!r} must look like NAME=VALUE, e.g. fastv:K=2:R=0.5")
-            key, value = pair.split("=", 1)
-            settings[key] = value
+        settings = parse_settings(pairs, label=f"method setting {{pair!r}} in {item!r}", example="fastv:K=2:R=0.5")
         methods.append((item, make_policy(name, num_layers, **settings)))
     if not methods:
         raise PruningConfigError("--methods is empty: give e.g. original,fastv:K=2:R=0.5")
     return methods
-
-
-def _random_llava_config(arch: Arch):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    vision = CLIPVisionConfig(
-        hidden_size=arch.vision_hidden,
-        intermediate_size=arch.vision_intermediate,
-        num_hidden_layers=arch.vision_layers,
-        num_attention_heads=arch.vision_hidden // 64,
-        image_size=arch.image_size,
-        patch_size=arch.patch_size,
-        projection_dim=768,
-    )
-    text = LlamaConfig(
-        vocab_size=arch.vocab,
-        hidden_size=arch.hidden,
-        intermediate_size=arch.intermediate,
-        num_hidden_layers=arch.layers,
-        num_attention_heads=arch.heads,
-        num_key_value_heads=arch.kv_heads,
-        max_position_embeddings=4096,
-    )
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=arch.vocab - 64, vision_feature_layer=-2)
 
 
 def load_bench_model(pretrained: str | None, arch_name: str | None, random_weights: bool, device: str, dtype: torch.dtype):
@@ -72,13 +43,12 @@ def load_bench_model(pretrained: str | None, arch_name: str | None, random_weigh
     if arch_name is not None:
         if arch_name not in ARCHS:
             raise PruningConfigError(f"--arch {arch_name!r} is not a known shape: use one of {', '.join(ARCHS)}")
-        config = _random_llava_config(ARCHS[arch_name])
+        config = ARCHS[arch_name].llava_config()
     elif random_weights:
         config = AutoConfig.from_pretrained(pretrained)
     else:
         model = LlavaForConditionalGeneration.from_pretrained(pretrained, dtype=dtype, device_map=device).eval()
         return model, Arch.from_config(model.config, Path(pretrained).name)
-    config.text_config._attn_implementation = config.vision_config._attn_implementation = "sdpa"
     with torch.device(device):
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
@@ -98,7 +68,8 @@ def bench_inputs(model, arch: Arch, text_tokens: int, samples: int, seed: int = 
     for _ in range(samples):
         text = torch.randint(3, image_id, (text_tokens - 1,), generator=generator)
         split = text_tokens // 3
-        ids = torch.cat([torch.tensor([1]), text[:split], torch.full((arch.n_img,), image_id), text[split:]])[None]
+        bos = torch.tensor([model.config.text_config.bos_token_id or 1])
+        ids = torch.cat([bos, text[:split], torch.full((arch.n_img,), image_id), text[split:]])[None]
         pixels = torch.randn((1, 3, arch.image_size, arch.image_size), generator=generator)
         inputs.append({
             "input_ids": ids.to(device),

@@ -7,6 +7,7 @@ import sys
 
 from . import EMBEDDED_MODEL_DIR
 from .errors import PruningConfigError
+from .methods import parse_settings
 
 
 def _cmd_methods(args) -> None:
@@ -32,7 +33,7 @@ def _cmd_train_embedded(args) -> None:
     config = TrainConfig.tiny() if args.tiny else TrainConfig()
     fields = {field.name: field.type for field in dataclasses.fields(TrainConfig)}
     overrides = {}
-    for key, value in _method_settings(args.set).items():
+    for key, value in parse_settings(args.set).items():
         if key not in fields:
             raise PruningConfigError(f"train-embedded has no setting {key!r}; it has: {', '.join(fields)}")
         kind = float if fields[key] in (float, "float") else int
@@ -44,16 +45,6 @@ def _cmd_train_embedded(args) -> None:
     print(f"{args.out}: {log['parameters']:,} parameters, trained in {log['seconds'] / 60:.1f} min")
 
 
-def _method_settings(pairs: list[str]) -> dict[str, str]:
-    settings = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise PruningConfigError(f"setting {pair!r} must look like NAME=VALUE, e.g. K=2")
-        key, value = pair.split("=", 1)
-        settings[key] = value
-    return settings
-
-
 def _cmd_generate(args) -> None:
     import torch
     from PIL import Image
@@ -62,7 +53,7 @@ def _cmd_generate(args) -> None:
     from . import apply_pruning, executed_plan
     from .prompts import llava_prompt
 
-    settings = _method_settings(args.set)
+    settings = parse_settings(args.set)
     model = LlavaForConditionalGeneration.from_pretrained(args.pretrained).eval()
     apply_pruning(model, method=args.method, **settings)
     processor = AutoProcessor.from_pretrained(args.pretrained)
@@ -119,12 +110,12 @@ def _cmd_bench(args) -> None:
     import torch
 
     from .bench import load_bench_model, parse_methods, run_bench, summarize_bench
+    from .pruning import resolve_dtype
 
     if args.arch and args.pretrained:
         raise PruningConfigError("give --pretrained or --arch, not both")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": torch.float16 if device.startswith("cuda") else torch.float32, "float16": torch.float16,
-             "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    dtype = resolve_dtype(args.dtype, torch.device(device))
     pretrained = None if args.arch else (args.pretrained or str(EMBEDDED_MODEL_DIR))
     model, arch = load_bench_model(pretrained, args.arch, args.random_weights, device, dtype)
     methods = parse_methods(args.methods, arch.layers)
@@ -202,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=int, default=32)
     bench.add_argument("--text-tokens", type=int, default=40)
     bench.add_argument("--device", help="default: cuda when available, else cpu")
-    bench.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
+    bench.add_argument("--dtype", default="auto", help="auto (float16 on a GPU, float32 on a CPU), float32, float16 or bfloat16")
     bench.add_argument("--out", help="CSV of every measured sample")
     bench.set_defaults(run=_cmd_bench)
 

@@ -63,6 +63,32 @@ class Arch:
         )
 
 
+    def llava_config(self):
+        """A LlavaConfig of this shape (for random-weight models; LLaVA's image token
+        id sits 64 below the padded vocabulary's end, as in llava-hf's checkpoints)."""
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+        vision = CLIPVisionConfig(
+            hidden_size=self.vision_hidden,
+            intermediate_size=self.vision_intermediate,
+            num_hidden_layers=self.vision_layers,
+            num_attention_heads=self.vision_hidden // 64,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+        )
+        text = LlamaConfig(
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            max_position_embeddings=4096,
+        )
+        return LlavaConfig(vision_config=vision, text_config=text, image_token_id=self.vocab - 64, vision_feature_layer=-2)
+
+
 # The published LLaVA-1.5 shapes: Vicuna-v1.5 (Llama-2) decoders, CLIP ViT-L/14 at 336 px.
 _CLIP_L_336 = {"vision_hidden": 1024, "vision_intermediate": 4096, "vision_layers": 24, "image_size": 336, "patch_size": 14}
 ARCHS = {

@@ -164,6 +164,18 @@ LMMS_MODELS: dict[str, str | None] = {
 }
 
 
+def parse_settings(pairs: list[str], *, label: str = "setting {pair!r}", example: str = "K=2") -> dict[str, str]:
+    """``["K=2", "R=0.5"]`` -> ``{"K": "2", "R": "0.5"}``; a pair without ``=`` is
+    refused with a message built from ``label`` and ``example``."""
+    settings = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise PruningConfigError(f"{label.format(pair=pair)} must look like NAME=VALUE, e.g. {example}")
+        key, value = pair.split("=", 1)
+        settings[key] = value
+    return settings
+
+
 def make_policy(method: str, num_layers: int, **raw_settings: Any) -> PruningPolicy:
     """Validate a method and its settings against a model depth and build its policy.
 

@@ -172,7 +172,8 @@ class TurnBuilder:
         return Turn(prompt, answer_ids)
 
     def caption_turns(self, scene, rng: random.Random, count: int) -> list[Turn]:
-        return [self.turn(CAPTION_PROMPT, text) for text in rng.sample(captions(scene), min(count, len(captions(scene))))]
+        references = captions(scene)
+        return [self.turn(CAPTION_PROMPT, text) for text in rng.sample(references, min(count, len(references)))]
 
     def instruction_turns(self, scene, rng: random.Random, config: TrainConfig) -> list[Turn]:
         short = short_questions(scene, rng)[: config.turns_short]
@@ -236,16 +237,21 @@ def tower_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return hidden[:, 1:]
 
 
-def decoder_loss(model, features: torch.Tensor, input_ids, position_ids, visible, labels) -> torch.Tensor:
-    """Cross-entropy on the supervised tokens of packed rows with image features spliced in."""
+def supervised_logits(model, features: torch.Tensor, input_ids, position_ids, visible, labels) -> torch.Tensor:
+    """Logits at the supervised positions of packed rows, with the tower's ``features``
+    projected and spliced into the image slots."""
     embeds = model.get_input_embeddings()(input_ids)
     image = model.model.multi_modal_projector(features.to(embeds.dtype))
     slots = input_ids == model.config.image_token_id
     embeds = embeds.masked_scatter(slots[..., None], image.reshape(-1, image.shape[-1]))
     hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=visible, position_ids=position_ids).last_hidden_state
-    supervised = labels != -100
-    logits = model.lm_head(hidden[supervised])
-    return F.cross_entropy(logits.float(), labels[supervised])
+    return model.lm_head(hidden[labels != -100])
+
+
+def decoder_loss(model, features: torch.Tensor, input_ids, position_ids, visible, labels) -> torch.Tensor:
+    """Cross-entropy on the supervised tokens of packed rows."""
+    logits = supervised_logits(model, features, input_ids, position_ids, visible, labels)
+    return F.cross_entropy(logits.float(), labels[labels != -100])
 
 
 def rescale_projector(model, features: torch.Tensor) -> float:

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneratio
 from dyrate_eval import EMBEDDED_MODEL_DIR, PruningConfigError
 from dyrate_eval.hf_llava import install
 from dyrate_eval.methods import DEFAULT_METHOD, LMMS_MODELS, make_policy
+from dyrate_eval.pruning import resolve_dtype
 from dyrate_eval.prompts import IMAGE_PLACEHOLDER, llava_prompt
 
 # Without pretrained= the wrappers run the embedded model, which works offline; real
@@ -73,7 +74,7 @@ class PrunedLlava(lmms):
             self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
-        torch_dtype = self._resolve_dtype(dtype)
+        torch_dtype = resolve_dtype(dtype, self._device)
 
         self.pretrained = pretrained
         self._model = LlavaForConditionalGeneration.from_pretrained(
@@ -95,14 +96,6 @@ class PrunedLlava(lmms):
                 "use --model dyrate_llava to choose the method"
             )
         return fixed_method
-
-    def _resolve_dtype(self, dtype: str) -> torch.dtype:
-        if dtype == "auto":
-            return torch.float16 if self._device.type == "cuda" else torch.float32
-        allowed = ("float32", "float16", "bfloat16")
-        if dtype not in allowed:
-            raise PruningConfigError(f"dtype={dtype!r} is not allowed: dtype must be one of auto, {', '.join(allowed)}")
-        return getattr(torch, dtype)
 
     @property
     def model(self) -> LlavaForConditionalGeneration:

@@ -43,9 +43,17 @@ if "$python" -m pip show --quiet torchvision >/dev/null 2>&1 && ! "$python" -c "
   "$python" -m pip uninstall --quiet -y torchvision timm
 fi
 
-# Caption metrics (pycocoevalcap's PTB tokenizer) run java; pip cannot install it.
+# Caption metrics (pycocoevalcap's PTB tokenizer) run java, which pip cannot install:
+# take it from apt where this user may, else say what is missing.
 if ! command -v java >/dev/null 2>&1; then
-  echo "[setup] warning: no java found; caption tasks (shapes_caption, nocaps_val, flickr30k_test) need a Java runtime, e.g. apt-get install default-jre-headless" >&2
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo -n"
+  if command -v apt-get >/dev/null 2>&1 && $sudo true 2>/dev/null; then
+    echo "[setup] installing a Java runtime (caption metrics need it)"
+    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq default-jre-headless >/dev/null
+  else
+    echo "[setup] warning: no java found and no apt-get to install it; caption tasks (shapes_caption, nocaps_val, flickr30k_test) and their tests need a Java runtime" >&2
+  fi
 fi
 
 echo "$want" > "$stamp"

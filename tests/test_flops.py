@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from dyrate_eval import apply_pruning, executed_plan
-from dyrate_eval.flops import Arch, plan_flops, simulate_plan
+from dyrate_eval.flops import ARCHS, Arch, plan_flops, simulate_plan
 from dyrate_eval.hf_llava import install
 from dyrate_eval.methods import make_policy
 
@@ -106,3 +106,10 @@ def test_flops_command_refuses_bad_input():
     assert code == 2 and "K='40' is not allowed for method 'fastv': K must be an integer in 1..31" in err
     code, _, err = flops_cli("--arch", "no-such-model", "--method", "vtw")
     assert code == 2 and "--arch 'no-such-model' is neither a known shape" in err
+
+
+@pytest.mark.parametrize("name", ["llava-1.5-7b", "llava-1.5-13b"])
+def test_random_weight_configs_have_the_named_shape(name):
+    """bench builds its random 7B / 13B models from these configs."""
+    arch = ARCHS[name]
+    assert Arch.from_config(arch.llava_config(), name) == arch

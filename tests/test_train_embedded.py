@@ -13,7 +13,16 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from dyrate_eval import apply_pruning, executed_plan
 from dyrate_eval.prompts import llava_prompt
 from dyrate_eval.shapes_tasks import SHORT_ANSWER_POST_PROMPT
-from dyrate_eval.train_embedded import GRID, TrainConfig, TurnBuilder, pack, patch_labels, tower_features, train_embedded
+from dyrate_eval.train_embedded import (
+    GRID,
+    TrainConfig,
+    TurnBuilder,
+    pack,
+    patch_labels,
+    supervised_logits,
+    tower_features,
+    train_embedded,
+)
 from dyrate_eval.world import COLOURS, SHAPES, Scene, Thing, render, sample_scene
 
 TASKS = Path(__file__).resolve().parents[1] / "tasks" / "shapes"
@@ -87,11 +96,7 @@ def test_packed_turns_see_exactly_what_a_single_turn_sees(trained):
     pixels = processor.image_processor([render(scene)[0]], return_tensors="pt")["pixel_values"]
     input_ids, position_ids, visible, labels = pack(builder.prefix_ids, [turns], processor.tokenizer.pad_token_id)
     with torch.no_grad():
-        embeds = model.get_input_embeddings()(input_ids)
-        image = model.model.multi_modal_projector(tower_features(model, pixels))
-        embeds = embeds.masked_scatter((input_ids == model.config.image_token_id)[..., None], image.reshape(-1, image.shape[-1]))
-        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=visible, position_ids=position_ids).last_hidden_state
-        packed = model.lm_head(hidden[labels != -100])
+        packed = supervised_logits(model, tower_features(model, pixels), input_ids, position_ids, visible, labels)
         offset = 0
         for turn in turns:
             alone = torch.tensor([builder.prefix_ids + turn.prompt_ids + turn.answer_ids])
