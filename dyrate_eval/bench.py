@@ -10,18 +10,20 @@ nothing downloaded) time the real shapes faithfully.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 from tqdm import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from .errors import PruningConfigError
-from .flops import ARCHS, Arch, plan_flops
+from .flops import ARCHS, Arch
 from .hf_llava import install, last_plan
+from .measure import sample_measurements, timed_generate
 from .methods import PruningPolicy, make_policy, parse_settings
+
+
+BENCH_COLUMNS = ("ttft_ms", "decode_ms_per_token", "end_to_end_ms", "tflops", "kv_bytes_peak", "device_memory_peak")
 
 
 def parse_methods(spec: str, num_layers: int) -> list[tuple[str, PruningPolicy]]:
@@ -79,51 +81,11 @@ def bench_inputs(model, arch: Arch, text_tokens: int, samples: int, seed: int = 
     return inputs
 
 
-def peak_kv_bytes(plan, arch: Arch, element_size: int, row: int = 0) -> int:
-    """The largest KV cache of the row over its steps: a key and a value per entry of
-    every layer (the executor's caches hold exactly the plan's keys)."""
-    per_entry = 2 * arch.kv_heads * arch.head_dim * element_size
-    return max(int(step[row].sum()) for step in plan.keys) * per_entry
-
-
-class _StepClock(LogitsProcessor):
-    """Notes the time at which each forward's logits reach the sampler."""
-
-    def __init__(self, synchronize):
-        self.synchronize = synchronize
-        self.times: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        self.synchronize()
-        self.times.append(time.perf_counter())
-        return scores
-
-
 def time_generation(model, arch: Arch, inputs: dict, new_tokens: int) -> dict:
     """One greedy generation of exactly ``new_tokens`` tokens, measured."""
-    on_gpu = model.device.type == "cuda"
-    synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
-    clock = _StepClock(synchronize)
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    synchronize()
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model.generate(
-            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            logits_processor=LogitsProcessorList([clock]), pad_token_id=0,
-        )
-    synchronize()
-    end = time.perf_counter()
-    plan = last_plan(model)
-    return {
-        "ttft_ms": (clock.times[0] - start) * 1e3,
-        "decode_ms_per_token": (clock.times[-1] - clock.times[0]) * 1e3 / max(1, new_tokens - 1),
-        "end_to_end_ms": (end - start) * 1e3,
-        "tflops": plan_flops(plan, arch)["total"] / 1e12,
-        "kv_bytes_peak": peak_kv_bytes(plan, arch, torch.tensor([], dtype=model.dtype).element_size()),
-        "device_memory_peak": torch.cuda.max_memory_allocated() if on_gpu else None,
-    }
+    _, timing = timed_generate(model, inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    record = sample_measurements(last_plan(model), arch, [new_tokens], 1, timing, model.dtype.itemsize)[0]
+    return {key: record[key] for key in BENCH_COLUMNS}
 
 
 def run_bench(model, arch: Arch, methods: list[tuple[str, PruningPolicy]], samples: int, new_tokens: int,

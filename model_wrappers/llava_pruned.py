@@ -10,17 +10,22 @@ GPUs add ``--multi_gpu`` so that accelerate starts N processes (they talk over g
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from accelerate import Accelerator
 from lmms_eval import utils
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
+from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from loguru import logger
 from tqdm import tqdm
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-from dyrate_eval import EMBEDDED_MODEL_DIR, PruningConfigError
+from dyrate_eval import EMBEDDED_MODEL_DIR, PruningConfigError, executed_plan
+from dyrate_eval.flops import Arch
 from dyrate_eval.hf_llava import install
+from dyrate_eval.measure import generated_lengths, sample_measurements, timed_generate
 from dyrate_eval.methods import DEFAULT_METHOD, LMMS_MODELS, make_policy
 from dyrate_eval.pruning import resolve_dtype
 from dyrate_eval.prompts import IMAGE_PLACEHOLDER, llava_prompt
@@ -31,6 +36,18 @@ DEFAULT_PRETRAINED = str(EMBEDDED_MODEL_DIR)
 DEFAULT_MAX_NEW_TOKENS = 128
 # Generation settings a task may give; anything else in gen_kwargs is not for HF generate.
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k")
+
+
+@dataclass
+class MeasuredTokenCounts(TokenCounts):
+    """Token counts with the sample's measurements (FLOPs, latency, kept tokens, memory)
+    attached: lmms-eval writes ``to_dict()`` into each sample's ``token_counts`` entry of
+    the samples log, which is where the report joins them to the scores by task and doc id."""
+
+    measurements: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "dyrate": self.measurements}
 
 
 class PrunedLlava(lmms):
@@ -82,6 +99,8 @@ class PrunedLlava(lmms):
         ).eval()
         install(self._model, policy)
         self.method = method
+        self.policy_settings = policy.describe()
+        self.arch = Arch.from_config(self._model.config, name=str(pretrained))
         self.processor = AutoProcessor.from_pretrained(pretrained)
         self.processor.tokenizer.padding_side = "left"  # batched generation
         self.tokenizer = self.processor.tokenizer
@@ -147,19 +166,46 @@ class PrunedLlava(lmms):
             until = gen_kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             inputs = self._encode(prompts, images)
-            with torch.inference_mode():
-                output = self._model.generate(**inputs, **self._generate_settings(gen_kwargs))
+            settings = self._generate_settings(gen_kwargs)
+            output, timing = timed_generate(self._model, inputs, **settings)
             new_tokens = output[:, inputs["input_ids"].shape[1]:]
-            for context, text in zip(contexts, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+            lengths = generated_lengths(new_tokens, self.tokenizer.eos_token_id)
+            measurements = sample_measurements(
+                executed_plan(self._model), self.arch, lengths, settings["num_beams"], timing, self._model.dtype.itemsize
+            )
+            texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for context, text, record in zip(contexts, texts, measurements):
                 for stop in until:
                     if stop:
                         text = text.split(stop)[0]
                 text = text.strip()
-                results.append(text)
+                counts = MeasuredTokenCounts(input_tokens=record["text_tokens"] + record["image_tokens"],
+                                             output_tokens=record["new_tokens"], measurements={"policy": self.policy_settings, **record})
+                results.append(GenerationResult(text, token_counts=counts))
                 self.cache_hook.add_partial("generate_until", (context, all_gen_kwargs[0]), text)
                 progress.update(1)
+            self._log_batch(measurements, timing)
         progress.close()
         return collator.get_original(results)
+
+    def _log_batch(self, measurements: list[dict], timing) -> None:
+        """Run-level averages: lmms-eval writes the mean of each ``avg_<key>`` over batches
+        into the results file's ``throughput`` section (per-task means come from the
+        samples logs, see ``dyrate-eval report``)."""
+        def mean(key):
+            return sum(record[key] for record in measurements) / len(measurements)
+
+        log_metrics(
+            total_elapsed_time=timing.end_to_end_ms / 1e3,
+            total_gen_tokens=sum(record["new_tokens"] for record in measurements),
+            avg_speed=sum(record["new_tokens"] for record in measurements) / max(timing.end_to_end_ms / 1e3, 1e-9),
+            additional_metrics={
+                "total_requests": len(measurements),
+                **{key: mean(key) for key in ("tflops", "flops_ratio", "flops_ratio_language_model", "kept_image_mean", "kv_bytes_peak")},
+                "ttft_ms": timing.ttft_ms,
+                "decode_ms_per_token": timing.decode_ms_per_token,
+            },
+        )
 
     def _generate_settings(self, gen_kwargs: dict) -> dict:
         temperature = float(gen_kwargs.get("temperature") or 0.0)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dyrate_eval import PruningConfigError, apply_pruning, executed_plan
-from dyrate_eval.bench import parse_methods, peak_kv_bytes, run_bench, summarize_bench
+from dyrate_eval.bench import parse_methods, run_bench, summarize_bench
+from dyrate_eval.measure import peak_kv_bytes
 from dyrate_eval.flops import Arch
 
 from .conftest import load_model

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from dyrate_eval.flops import load_arch, plan_flops, simulate_plan
+from dyrate_eval.methods import make_policy
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_DOCS = 8
 
@@ -23,15 +26,20 @@ def run_cli(args, out_dir, launcher=None):
     return done.stdout + done.stderr
 
 
-def read_run(out_dir):
+def read_samples(out_dir):
     results = list(Path(out_dir).glob("**/*_results.json"))
     samples = list(Path(out_dir).glob("**/*_samples_dyrate_smoke.jsonl"))
     assert len(results) == 1 and len(samples) == 1, f"expected one results and one samples file in {out_dir}"
-    responses = {}
+    by_doc = {}
     for line in samples[0].read_text().splitlines():
         sample = json.loads(line)
-        responses[sample["doc_id"]] = sample["filtered_resps"]
-    return json.loads(results[0].read_text()), responses
+        by_doc[sample["doc_id"]] = sample
+    return json.loads(results[0].read_text()), by_doc
+
+
+def read_run(out_dir):
+    results, by_doc = read_samples(out_dir)
+    return results, {doc_id: sample["filtered_resps"] for doc_id, sample in by_doc.items()}
 
 
 def free_port():
@@ -55,11 +63,42 @@ def test_fastv_through_the_cli_writes_the_metric(single_run):
     assert "rank 0/1: 8 generation requests, method fastv" in log
 
 
-def test_batched_run_gives_the_same_answers(single_run, tiny_dir, tmp_path):
+def test_each_sample_log_carries_its_measurements(single_run, tiny_dir):
+    """FLOPs, kept tokens and latency per sample, where the report joins them by doc id;
+    the FLOPs ratio equals an independent count (the simulated plans of FastV and of the
+    original for the same prompt and number of new tokens)."""
+    results, by_doc = read_samples(single_run[0])
+    arch = load_arch(tiny_dir)
+    fastv = make_policy("fastv", arch.layers, K=2, R=0.5)
+    ratios = []
+    for sample in by_doc.values():
+        measured = sample["token_counts"][0]["dyrate"]
+        assert measured["policy"] == {"method": "fastv", "K": 2, "R": 0.5, "selection": "attention"}
+        steps = measured["new_tokens"]
+        assert sample["token_counts"][0]["output_tokens"] == steps == len(measured["kept_image_by_step"])
+        # 4 layers, 64 image tokens, half dropped before layer 2
+        assert measured["kept_image_by_step"][0] == (64 + 64 + 32 + 32) / 4
+        expected = plan_flops(simulate_plan(fastv, arch, measured["text_tokens"], steps), arch)["total"]
+        original = plan_flops(simulate_plan(make_policy("original", arch.layers), arch, measured["text_tokens"], steps), arch)["total"]
+        assert measured["tflops"] * 1e12 == pytest.approx(expected, rel=1e-9)
+        assert measured["flops_ratio"] == pytest.approx(expected / original, rel=1e-9)
+        assert measured["ttft_ms"] > 0 and measured["end_to_end_ms"] >= measured["ttft_ms"]
+        ratios.append(measured["flops_ratio"])
+    # batch size 1: the run-level average is the mean over samples
+    assert results["throughput"]["avg_flops_ratio"] == pytest.approx(sum(ratios) / len(ratios))
+
+
+def test_batched_run_gives_the_same_answers_and_flops(single_run, tiny_dir, tmp_path):
     args = ["--model", "dyrate_llava", "--model_args", f"pretrained={tiny_dir},method=fastv,K=2,R=0.5", "--batch_size", "2"]
     log = run_cli([*args, "--tasks", "dyrate_smoke"], tmp_path)
-    _, responses = read_run(tmp_path)
-    assert responses == read_run(single_run[0])[1], log[-2000:]
+    _, batched = read_samples(tmp_path)
+    _, single = read_samples(single_run[0])
+    assert {d: s["filtered_resps"] for d, s in batched.items()} == {d: s["filtered_resps"] for d, s in single.items()}, log[-2000:]
+    for doc_id, sample in batched.items():
+        measured, alone = sample["token_counts"][0]["dyrate"], single[doc_id]["token_counts"][0]["dyrate"]
+        assert measured["batch_size"] == 2
+        # padding is not counted: a sample costs what it costs alone
+        assert measured["tflops"] == pytest.approx(alone["tflops"], rel=1e-12)
 
 
 def test_two_process_data_parallel_run_splits_the_docs_and_matches(single_run, tiny_dir, tmp_path):
