@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The main job: every method on the shared core, evaluated through lmms-eval on the
 # embedded default (the trained shapes model shipped in dyrate_eval/embedded_llava and
-# the `shapes` tasks), then the tables into results/.
+# the `shapes` tasks), then the report (the paper's tables and figures) into results/.
 #
 # The grid: the original model; FastV at K=2 with R = 0.5, 0.75, 0.9, each with its
 # attention-ranked selection and with a random selection of the same count; FastV at
-# K=3 and K=4 (R=0.75); VTW at its default K (half the depth) and at K=2.
+# K=3 and K=4 (R=0.75); VTW at its default K (half the depth) and at K=2. Then the
+# decoding ablation (FastV K=2 R=0.5 captions with beam-2, beam-5 and top-p), a trace
+# of four captions (attention per token group, kept tokens; the report's figures) and
+# the side-by-side benchmark on the CPU-scaled 7B shape.
 #
 # Resumable: each cell is written to a temporary folder and moved into place only when
 # its results file exists, so an interrupted run loses nothing and a rerun skips the
@@ -38,25 +41,29 @@ if [ ! -f "$embedded/config.json" ]; then
   "$bin/dyrate-eval" train-embedded --out "$embedded"
 fi
 
-# cell name | lmms-eval model | model_args (the embedded model is the default pretrained)
+# cell name | lmms-eval model | model_args (the embedded model is the default
+# pretrained) | tasks | gen_kwargs overriding the tasks' decoding
 cells=(
-  "original|original_llava|"
-  "fastv_K2_R0.5|fastv_llava|K=2,R=0.5"
-  "fastv_K2_R0.75|fastv_llava|K=2,R=0.75"
-  "fastv_K2_R0.9|fastv_llava|K=2,R=0.9"
-  "fastv_K2_R0.5_random|fastv_llava|K=2,R=0.5,selection=random"
-  "fastv_K2_R0.75_random|fastv_llava|K=2,R=0.75,selection=random"
-  "fastv_K2_R0.9_random|fastv_llava|K=2,R=0.9,selection=random"
-  "fastv_K3_R0.75|fastv_llava|K=3,R=0.75"
-  "fastv_K4_R0.75|fastv_llava|K=4,R=0.75"
-  "vtw_default|vtw_llava|"
-  "vtw_K2|vtw_llava|K=2"
+  "original|original_llava||shapes|"
+  "fastv_K2_R0.5|fastv_llava|K=2,R=0.5|shapes|"
+  "fastv_K2_R0.75|fastv_llava|K=2,R=0.75|shapes|"
+  "fastv_K2_R0.9|fastv_llava|K=2,R=0.9|shapes|"
+  "fastv_K2_R0.5_random|fastv_llava|K=2,R=0.5,selection=random|shapes|"
+  "fastv_K2_R0.75_random|fastv_llava|K=2,R=0.75,selection=random|shapes|"
+  "fastv_K2_R0.9_random|fastv_llava|K=2,R=0.9,selection=random|shapes|"
+  "fastv_K3_R0.75|fastv_llava|K=3,R=0.75|shapes|"
+  "fastv_K4_R0.75|fastv_llava|K=4,R=0.75|shapes|"
+  "vtw_default|vtw_llava||shapes|"
+  "vtw_K2|vtw_llava|K=2|shapes|"
+  "decoding_fastv_K2_R0.5_beam2|fastv_llava|K=2,R=0.5|shapes_caption|num_beams=2"
+  "decoding_fastv_K2_R0.5_beam5|fastv_llava|K=2,R=0.5|shapes_caption|num_beams=5"
+  "decoding_fastv_K2_R0.5_top_p|fastv_llava|K=2,R=0.5|shapes_caption|do_sample=True,temperature=0.7,top_p=0.9"
 )
 
-total=${#cells[@]}
+total=$((${#cells[@]} + 2))
 index=0
 for cell in "${cells[@]}"; do
-  IFS='|' read -r name lmms_model model_args <<<"$cell"
+  IFS='|' read -r name lmms_model model_args tasks gen_kwargs <<<"$cell"
   index=$((index + 1))
   out="$runs/$name"
   # lmms-eval puts the results file in a subfolder named after pretrained=, or directly
@@ -69,8 +76,8 @@ for cell in "${cells[@]}"; do
   started=$SECONDS
   rm -rf "$out" "$out.partial"
   mkdir -p "$out.partial"
-  "$bin/lmms-eval" --model "$lmms_model" ${model_args:+--model_args "$model_args"} --batch_size 8 \
-    --tasks shapes --include_path tasks --output_path "$out.partial" --log_samples --timezone UTC "${limit[@]}" \
+  "$bin/lmms-eval" --model "$lmms_model" ${model_args:+--model_args "$model_args"} ${gen_kwargs:+--gen_kwargs "$gen_kwargs"} \
+    --batch_size 8 --tasks "$tasks" --include_path tasks --output_path "$out.partial" --log_samples --timezone UTC "${limit[@]}" \
     >"$out.partial/log.txt" 2>&1 || true
   # lmms-eval exits 0 even when evaluation fails: the results file is the only proof.
   if [ -z "$(find "$out.partial" -name '*_results.json')" ]; then
@@ -82,6 +89,32 @@ for cell in "${cells[@]}"; do
   echo "[$index/$total] $name: done in $((SECONDS - started)) s"
 done
 
+# Cells written by a command in one go: skipped when their output exists.
+run_once() {
+  local name=$1 output=$2
+  shift 2
+  index=$((index + 1))
+  if [ "$force" = 0 ] && [ -f "$output" ]; then
+    echo "[$index/$total] $name: done earlier, skipped"
+    return
+  fi
+  echo "[$index/$total] $name: running"
+  started=$SECONDS
+  rm -rf "$runs/$name"
+  mkdir -p "$runs/$name"
+  "$@"
+  echo "[$index/$total] $name: done in $((SECONDS - started)) s"
+}
+examples=4
+samples=5
+[ ${#limit[@]} = 0 ] || { examples=1; samples=1; }
+run_once trace_fastv_K2_R0.5 "$runs/trace_fastv_K2_R0.5/trace.json" \
+  "$bin/dyrate-eval" trace --out "$runs/trace_fastv_K2_R0.5" --method fastv --set K=2 R=0.5 --examples "$examples"
+run_once bench_7b_cpu "$runs/bench_7b_cpu/bench.csv" \
+  "$bin/dyrate-eval" bench --arch llava-1.5-7b-cpu --methods original,fastv:K=2:R=0.5,vtw:K=16 \
+  --samples "$samples" --warmup 1 --new-tokens 16 --out "$runs/bench_7b_cpu/bench.csv"
+
 report=results
 [ ${#limit[@]} = 0 ] || report=$runs/report
 "$bin/dyrate-eval" summarize "$runs" --out "$report" --name embedded
+"$bin/dyrate-eval" report "$runs" --out "$report"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
+from pathlib import Path
 
 from . import EMBEDDED_MODEL_DIR
 from .errors import PruningConfigError
 from .methods import parse_settings
+from .shapes_tasks import CAPTION_PROMPT
 
 
 def _cmd_methods(args) -> None:
@@ -63,6 +66,37 @@ def _cmd_generate(args) -> None:
     print(processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
     plan = executed_plan(model).for_row(0)
     print(f"image tokens: {plan['n_img']}; kept per layer at prefill: {plan['kept_image'][0]}", file=sys.stderr)
+
+
+def _cmd_report(args) -> None:
+    from .report import write_report
+
+    tables = write_report(args.runs, args.out)
+    print(f"wrote {', '.join(tables)}, pareto.png to {args.out}")
+
+
+def _cmd_trace(args) -> None:
+    from transformers import AutoConfig
+
+    from .methods import make_policy
+    from .trace import write_trace
+
+    config = AutoConfig.from_pretrained(args.pretrained)
+    policy = make_policy(args.method, config.text_config.num_hidden_layers, **parse_settings(args.set))
+    if args.images:
+        from PIL import Image
+
+        images = [Image.open(path).convert("RGB") for path in args.images]
+        names = [Path(path).name for path in args.images]
+    else:  # held-out scenes of the embedded caption task
+        from .shapes_tasks import BUILDERS, scene_from_doc
+        from .world import render
+
+        docs = list(itertools.islice(BUILDERS["caption"](), args.examples))
+        images = [render(scene_from_doc(doc))[0] for doc in docs]
+        names = [f"shapes_caption doc {doc['doc_id']}" for doc in docs]
+    path = write_trace(args.out, args.pretrained, policy, images, names, args.prompt, args.max_new_tokens)
+    print(f"wrote {path}")
 
 
 def _cmd_flops(args, extra: list[str]) -> None:
@@ -172,6 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="override TrainConfig fields, e.g. stage2_steps=400")
     train.set_defaults(run=_cmd_train_embedded)
 
+    trace = commands.add_parser(
+        "trace", help="attention per token group and kept image tokens, step by step, on a few images (for the report's figures)"
+    )
+    trace.add_argument("--out", required=True, help="folder for trace.json and the example images")
+    trace.add_argument("--pretrained", default=str(EMBEDDED_MODEL_DIR), help="default: the embedded model")
+    trace.add_argument("--method", default="fastv")
+    trace.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="method settings, e.g. K=2 R=0.5")
+    trace.add_argument("--images", nargs="*", help="image files (default: held-out scenes of shapes_caption)")
+    trace.add_argument("--examples", type=int, default=4, help="how many held-out scenes without --images")
+    trace.add_argument("--prompt", default=CAPTION_PROMPT)
+    trace.add_argument("--max-new-tokens", type=int, default=32)
+    trace.set_defaults(run=_cmd_trace)
+
     flops = commands.add_parser(
         "flops",
         help="FLOPs of a method on a model shape, no weights needed; method settings as --NAME VALUE (e.g. --K 2 --R 0.5)",
@@ -185,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="time methods side by side on the same inputs (TTFT, decode, FLOPs, KV bytes)")
     bench.add_argument("--pretrained", help="a model folder (default: the embedded model)")
-    bench.add_argument("--arch", help="a named shape with random weights: llava-1.5-7b or llava-1.5-13b (GPU)")
+    bench.add_argument(
+        "--arch", help="a named shape with random weights: llava-1.5-7b, llava-1.5-13b (GPU) or llava-1.5-7b-cpu (the 7B at a sixteenth of its width)"
+    )
     bench.add_argument("--random-weights", action="store_true", help="random weights from --pretrained's config")
     bench.add_argument("--methods", default="original,fastv:K=2:R=0.5,vtw", help="comma-separated, settings after colons")
     bench.add_argument("--samples", type=int, default=10)
@@ -200,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     shapes = commands.add_parser("make-shapes-tasks", help="regenerate the embedded tasks' held-out data")
     shapes.add_argument("--out", default="tasks/shapes/data")
     shapes.set_defaults(run=_cmd_make_shapes_tasks)
+
+    report = commands.add_parser("report", help="the paper's tables and figures from lmms-eval runs and traces")
+    report.add_argument("runs", nargs="+", help="lmms-eval output folders or results files (and trace folders)")
+    report.add_argument("--out", default="results")
+    report.set_defaults(run=_cmd_report)
 
     summarize = commands.add_parser("summarize", help="scores of lmms-eval runs as CSV and markdown")
     summarize.add_argument("runs", nargs="+", help="lmms-eval output folders or results files")

@@ -400,7 +400,9 @@ class _PrunedDecoderMixin:
                 queries = timeline_mask[:, -new_tokens:].sum(1)
             counts[id(layout)] = (layout.img_kept.sum(1), keys, queries)
         per_layer = [counts[id(layout)] for layout in state.layouts]
-        state.plan.add_step(*(torch.stack([c[i] for c in per_layer], dim=1) for i in range(3)), state.scored_keys)
+        state.plan.add_step(
+            *(torch.stack([c[i] for c in per_layer], dim=1) for i in range(3)), state.scored_keys, state.layouts[-1].img_kept
+        )
         state.scored_keys = torch.zeros_like(state.scored_keys)
 
 

@@ -28,17 +28,23 @@ class ExecutedPlan:
     keys: list[torch.Tensor] = field(default_factory=list)  # per step, (B, layers)
     queries: list[torch.Tensor] = field(default_factory=list)  # per step, (B, layers)
     scored_keys: list[torch.Tensor] = field(default_factory=list)  # per step, (B, layers)
+    # per step, (B, image slots): which image tokens the last layer still sees (for the
+    # kept-token figure); recorded by the executor, absent from simulated plans
+    last_layer_slots: list[torch.Tensor] = field(default_factory=list)
 
-    def add_step(self, kept_image: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor, scored_keys: torch.Tensor) -> None:
+    def add_step(self, kept_image: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor, scored_keys: torch.Tensor,
+                 last_layer_slots: torch.Tensor | None = None) -> None:
         self.kept_image.append(kept_image)
         self.keys.append(keys)
         self.queries.append(queries)
         self.scored_keys.append(scored_keys)
+        if last_layer_slots is not None:
+            self.last_layer_slots.append(last_layer_slots)
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Follow a beam-search reordering of the batch rows."""
         self.n_img = self.n_img.index_select(0, rows.to(self.n_img.device))
-        for history in (self.kept_image, self.keys, self.queries, self.scored_keys):
+        for history in (self.kept_image, self.keys, self.queries, self.scored_keys, self.last_layer_slots):
             history[:] = [step.index_select(0, rows.to(step.device)) for step in history]
 
     @property
@@ -52,6 +58,11 @@ class ExecutedPlan:
     def kept_image_tokens(self) -> torch.Tensor:
         """(B, steps, layers) kept image tokens."""
         return torch.stack(self.kept_image, dim=1).cpu()
+
+    def kept_slots(self, row: int, num_steps: int | None = None) -> torch.Tensor:
+        """(steps, image slots) bool: the image tokens the row's last layer saw at each step."""
+        steps = self.last_layer_slots[: num_steps or len(self.last_layer_slots)]
+        return torch.stack([step[row] for step in steps]).cpu()
 
     def for_row(self, row: int, num_steps: int | None = None) -> dict:
         """One row's plan as plain lists, truncated to ``num_steps`` forwards (a row

@@ -37,6 +37,16 @@ def _parse_model_args(model_args: str) -> dict[str, str]:
     return {key.strip(): value.strip() for key, value in pairs}
 
 
+def decoding_label(generation_kwargs: dict) -> str:
+    """greedy, beam-N, top-p or sampling, from a task's generation settings."""
+    beams = int(generation_kwargs.get("num_beams") or 1)
+    if beams > 1:
+        return f"beam-{beams}"
+    if generation_kwargs.get("do_sample") or float(generation_kwargs.get("temperature") or 0) > 0:
+        return "top-p" if generation_kwargs.get("top_p") not in (None, 1, 1.0) else "sampling"
+    return "greedy"
+
+
 def read_results_file(path: Path) -> list[dict]:
     """Rows (one per task) of one lmms-eval results file."""
     try:
@@ -55,6 +65,7 @@ def read_results_file(path: Path) -> list[dict]:
             "pretrained": model_args.get("pretrained", "(embedded)"),
             "method": LMMS_MODELS.get(config.get("model")) or model_args.get("method", DEFAULT_METHOD),
             "settings": ",".join(f"{k}={v}" for k, v in model_args.items() if k not in ("pretrained", "method")),
+            "decoding": decoding_label((data.get("configs", {}).get(task) or {}).get("generation_kwargs") or {}),
             "task": task,
         }
         for key, value in metrics.items():
@@ -70,6 +81,8 @@ def results_table(paths: list[str | Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# What tells one evaluated configuration from another.
+RUN_KEY = ["pretrained", "method", "settings", "decoding"]
 # The headline score columns of the embedded shapes tasks: (task, metric) -> column.
 SHAPES_SCORES = {
     ("shapes_caption", "shapes_CIDEr"): "caption CIDEr",
@@ -86,7 +99,7 @@ SHAPES_BREAKDOWN = {"shapes_vqa": ("kind", "exact_match"), "shapes_mcq": ("kind"
 
 def _method_order(table: pd.DataFrame) -> pd.DataFrame:
     order = {name: index for index, name in enumerate(METHODS)}
-    return table.sort_values(["method", "settings"], key=lambda col: col.map(order) if col.name == "method" else col, kind="stable")
+    return table.sort_values(["method", "settings", "decoding"], key=lambda col: col.map(order) if col.name == "method" else col, kind="stable")
 
 
 def shapes_scores(table: pd.DataFrame) -> pd.DataFrame:
@@ -96,9 +109,9 @@ def shapes_scores(table: pd.DataFrame) -> pd.DataFrame:
     for (task, metric), label in SHAPES_SCORES.items():
         rows = table[table["task"] == task]
         if metric in rows:
-            columns[label] = rows.set_index(["pretrained", "method", "settings"])[metric]
+            columns[label] = rows.set_index(RUN_KEY)[metric]
     wide = pd.DataFrame(columns).reset_index()
-    return _method_order(wide)[["pretrained", "method", "settings", *[c for c in SHAPES_SCORES.values() if c in wide]]]
+    return _method_order(wide)[[*RUN_KEY, *[c for c in SHAPES_SCORES.values() if c in wide]]]
 
 
 def _samples_file(results_file: Path, task: str) -> Path:
@@ -113,8 +126,8 @@ def shapes_breakdown(table: pd.DataFrame) -> pd.DataFrame:
 
     docs = {f"shapes_{name}": {doc["doc_id"]: doc for doc in build()} for name, build in BUILDERS.items()}
     records = []
-    for (pretrained, method, settings), rows in table.groupby(["pretrained", "method", "settings"], sort=False):
-        record = {"pretrained": pretrained, "method": method, "settings": settings}
+    for key, rows in table.groupby(RUN_KEY, sort=False):
+        record = dict(zip(RUN_KEY, key))
         for file, task in zip(rows["file"], rows["task"]):
             if task not in SHAPES_BREAKDOWN:
                 continue

@@ -100,7 +100,8 @@ def test_summary_tables_of_the_shapes_runs(shapes_runs, tmp_path):
     scores = pd.read_csv(tmp_path / "embedded_scores.csv", keep_default_na=False)
     assert scores["method"].tolist() == ["original", "fastv", "vtw"]
     assert scores["settings"].tolist() == ["", "K=2,R=0.75", ""]
-    assert list(scores.columns[3:]) == list(SHAPES_SCORES.values())
+    assert list(scores.columns[4:]) == list(SHAPES_SCORES.values())
+    assert scores["decoding"].tolist() == ["greedy"] * 3
     original_vqa = table[(table["method"] == "original") & (table["task"] == "shapes_vqa")]["exact_match"].item()
     assert scores.loc[0, "vqa EM"] == original_vqa
     by_kind = pd.read_csv(tmp_path / "embedded_by_kind.csv", keep_default_na=False)

@@ -1,0 +1,119 @@
+"""The aggregator and the traces behind its figures, on real lmms-eval runs of a tiny model."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from dyrate_eval.errors import PruningConfigError
+from dyrate_eval.methods import make_policy
+from dyrate_eval.report import REPORTED_SOURCE, write_report
+from dyrate_eval.trace import GROUPS, TRACE_FILE, trace_examples, write_trace
+from .test_harness import run_cli
+
+TABLES = ["table1_benchmarks", "table2_captioning", "table3_decoding", "table4_flops_target", "table5_ablation"]
+
+
+@pytest.fixture(scope="module")
+def report(tiny_dir, tmp_path_factory):
+    """original and FastV on two shapes tasks, FastV captions with beam-2 too, a trace."""
+    runs = tmp_path_factory.mktemp("runs")
+    for name, model, settings, gen_kwargs in (
+        ("original", "original_llava", "", []),
+        ("fastv", "fastv_llava", ",K=2,R=0.5", []),
+        ("fastv_beam2", "fastv_llava", ",K=2,R=0.5", ["--gen_kwargs", "num_beams=2"]),
+    ):
+        tasks = "shapes_caption" if gen_kwargs else "shapes_caption,shapes_vqa"
+        args = ["--model", model, "--model_args", f"pretrained={tiny_dir}{settings}", "--tasks", tasks, "--limit", "3", *gen_kwargs]
+        log = run_cli(args, runs / name)
+        assert list((runs / name).glob("**/*_results.json")), log[-3000:]
+    image = Image.new("RGB", (112, 112), (200, 30, 30))
+    write_trace(runs / "trace", str(tiny_dir), make_policy("fastv", 4, K=2, R=0.5), [image], ["red"], "Describe the image.", 4)
+    out = tmp_path_factory.mktemp("report")
+    tables = write_report([runs], out)
+    return runs, out, tables
+
+
+def measured(table, method, decoding=None):
+    rows = table[(table["source"] == "measured") & (table["method"] == method)]
+    return rows if decoding is None else rows[rows["decoding"] == decoding]
+
+
+def test_every_table_and_figure_is_written(report):
+    _, out, _ = report
+    for name in TABLES:
+        assert (out / f"{name}.csv").is_file() and (out / f"{name}.md").is_file(), name
+    for figure in ("pareto.png", "fig2_attention_by_step.png", "fig4_kept_tokens.png"):
+        assert (out / figure).stat().st_size > 10_000, figure
+
+
+def test_scores_and_flops_shares_come_from_the_runs(report):
+    runs, out, tables = report
+    table1 = tables["table1_benchmarks"]
+    results = json.loads(next((runs / "fastv").glob("**/*_results.json")).read_text())
+    assert measured(table1, "fastv")["shapes vqa EM"].item() == results["results"]["shapes_vqa"]["exact_match,none"]
+    # the unpruned model's share is 100% by construction; FastV's is below
+    assert measured(table1, "original")["TFLOPs %"].item() == pytest.approx(100.0, abs=1e-9)
+    assert 40 < measured(table1, "fastv")["TFLOPs %"].item() < 100
+    csv = pd.read_csv(out / "table2_captioning.csv", keep_default_na=False)
+    assert set(csv[csv["source"] == "measured"]["Auto R"]) == {"no"}
+
+
+def test_reported_numbers_sit_in_their_own_labelled_rows(report):
+    _, out, tables = report
+    table2 = tables["table2_captioning"]
+    reported = table2[table2["source"] == REPORTED_SOURCE]
+    original_7b = reported[(reported["model"] == "7B") & (reported["method"] == "original")]
+    assert original_7b["NoCaps CIDEr"].item() == 74.89 and original_7b["latency (ms)"].item() == 70.80
+    # no measured value in a reported row, no reported value in a measured row
+    assert reported["shapes caption CIDEr"].isna().all()
+    assert measured(table2, "fastv")["NoCaps CIDEr"].isna().all()
+    text = (out / "table2_captioning.md").read_text()
+    assert "reported (DyRate paper)" in text and "missing" in text and "nan" not in text
+
+
+def test_decoding_table_holds_the_strategies_a_setting_was_run_with(report):
+    _, _, tables = report
+    table3 = tables["table3_decoding"]
+    assert set(measured(table3, "fastv")["decoding"]) == {"greedy", "beam-2"}
+    assert measured(table3, "original").empty, "original ran greedy only"
+
+
+def test_tables_list_their_run_files(report):
+    runs, out, _ = report
+    text = (out / "table1_benchmarks.md").read_text()
+    listed = [line[2:] for line in text.split("Run files:\n")[1].splitlines()]
+    assert sorted(listed) == sorted(str(p) for name in ("original", "fastv") for p in (runs / name).glob("**/*_results.json"))
+
+
+def test_foreign_and_broken_files_are_named(report, tmp_path):
+    runs, _, _ = report
+    foreign = tmp_path / "x_results.json"
+    foreign.write_text(json.dumps({"accuracy": 1}))
+    with pytest.raises(PruningConfigError, match="x_results.json is not an lmms-eval results file"):
+        write_report([foreign], tmp_path / "out")
+    broken = tmp_path / "trace" / TRACE_FILE
+    broken.parent.mkdir()
+    broken.write_text("{")
+    with pytest.raises(PruningConfigError, match=f"{broken} is not a trace"):
+        write_report([runs / "original", broken.parent], tmp_path / "out")
+    with pytest.raises(PruningConfigError, match="does not exist"):
+        write_report([tmp_path / "nowhere"], tmp_path / "out")
+
+
+def test_trace_attention_shares_and_kept_tokens(tiny_dir):
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    image = Image.new("RGB", (112, 112), (30, 200, 30))
+    [example] = trace_examples(model, processor, make_policy("fastv", 4, K=2, R=0.75), [image], "Describe the image.", 5)
+    for step, shares in enumerate(example["attention_by_step"]):
+        assert sum(shares[g] for g in GROUPS) == pytest.approx(1.0, abs=1e-4), "each query's attention sums to one"
+        assert (shares["response"] == 0) == (step == 0), "no response tokens before the first one"
+    # FastV keeps a quarter of the 64 image tokens at the last layer, the same ones at every step
+    history = example["kept_slots_by_step"]
+    assert all(len(kept) == 16 and kept == history[0] for kept in history)
+    assert torch.equal(torch.tensor(history[0]).unique(), torch.tensor(history[0]))
