@@ -73,7 +73,7 @@ def model_label(pretrained: str) -> str:
     return f"{size.group(1)}B" if size else Path(pretrained).name
 
 
-def sample_measurements(samples_file: Path) -> list[dict]:
+def read_sample_measurements(samples_file: Path) -> list[dict]:
     """The wrappers' per-sample records in an lmms-eval samples log (empty when the run
     was made by another model or without --log_samples)."""
     if not samples_file.exists():
@@ -106,7 +106,7 @@ def load_runs(paths: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
             row["model"] = model_label(row["pretrained"])
             score_rows.append(row)
             samples = path.with_name(path.name.replace("_results.json", f"_samples_{task}.jsonl"))
-            for record in sample_measurements(samples):
+            for record in read_sample_measurements(samples):
                 measured_rows.append({key: row[key] for key in ("file", "model", "method", "settings", "decoding", "task")} | record)
     return pd.DataFrame(score_rows), pd.DataFrame(measured_rows)
 
