@@ -62,7 +62,6 @@ class Arch:
             patch_size=vision.patch_size,
         )
 
-
     def llava_config(self):
         """A LlavaConfig of this shape (for random-weight models; LLaVA's image token
         id sits 64 below the padded vocabulary's end, as in llava-hf's checkpoints)."""

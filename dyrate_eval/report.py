@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import cache
 from io import StringIO
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import pandas as pd  # noqa: E402
 
 from .errors import PruningConfigError  # noqa: E402
 from .methods import METHODS  # noqa: E402
-from .results import find_result_files, read_results_file  # noqa: E402
+from .results import find_result_files, read_results_file, samples_file  # noqa: E402
 from .trace import GROUPS, TRACE_FILE  # noqa: E402
 
 REPORTED_FILE = Path(__file__).with_name("reported") / "dyrate_paper.csv"
@@ -51,7 +52,7 @@ CAPTION_COLUMNS = {
     "Flickr30k CIDEr": (("flickr30k_test", "flickr_CIDEr"), 100),
     "shapes caption CIDEr": (("shapes_caption", "shapes_CIDEr"), 1),
 }
-BENCHMARK_TASKS = {task for (task, _), _ in BENCHMARK_COLUMNS.values()} | {"mme"}
+BENCHMARK_TASKS = {task for (task, _), _ in BENCHMARK_COLUMNS.values()}
 CAPTION_TASKS = {task for (task, _), _ in CAPTION_COLUMNS.values()}
 # methods that choose their rate themselves (the paper's "Auto R" column)
 AUTO_RATE_METHODS = {"dyrate"}
@@ -59,7 +60,7 @@ AUTO_RATE_METHODS = {"dyrate"}
 ABLATION_METHODS = ("fixed_prune", "depth_prune", "dyrate")
 KEY = ["source", "model", "method", "settings"]
 # what the report reads from each sample's measurements (see measure.sample_measurements)
-MEASURED_FIELDS = {"tflops", "tflops_language_model", "flops_ratio_language_model", "end_to_end_ms", "kept_image_mean", "batch_size"}
+MEASURED_FIELDS = {"tflops_language_model", "flops_ratio_language_model", "end_to_end_ms", "batch_size"}
 
 
 # -- reading runs -----------------------------------------------------------------------------
@@ -105,16 +106,20 @@ def load_runs(paths: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
             task = row["task"]
             row["model"] = model_label(row["pretrained"])
             score_rows.append(row)
-            samples = path.with_name(path.name.replace("_results.json", f"_samples_{task}.jsonl"))
-            for record in read_sample_measurements(samples):
+            for record in read_sample_measurements(samples_file(path, task)):
                 measured_rows.append({key: row[key] for key in ("file", "model", "method", "settings", "decoding", "task")} | record)
     return pd.DataFrame(score_rows), pd.DataFrame(measured_rows)
 
 
+@cache
+def _reported_long() -> pd.DataFrame:
+    lines = [line for line in REPORTED_FILE.read_text().splitlines() if not line.startswith("#")]
+    return pd.read_csv(StringIO("\n".join(lines)), keep_default_na=False, dtype={"value": float})
+
+
 def reported_rows(table: str) -> pd.DataFrame:
     """The paper's numbers for ``table``, wide (a row per model, method and settings)."""
-    lines = [line for line in REPORTED_FILE.read_text().splitlines() if not line.startswith("#")]
-    long = pd.read_csv(StringIO("\n".join(lines)), keep_default_na=False, dtype={"value": float})
+    long = _reported_long()
     long = long[long["table"] == table]
     if long.empty:
         return pd.DataFrame(columns=KEY)
@@ -129,7 +134,7 @@ def reported_rows(table: str) -> pd.DataFrame:
 
 def _cost_columns(measured: pd.DataFrame, tasks: set[str], keys: list[str]) -> pd.DataFrame:
     """TFLOPs % (language model, against the unpruned model on the same prompts and
-    lengths), mean TFLOPs per sample, mean end-to-end latency and the batch size."""
+    lengths), mean end-to-end latency and the batch size."""
     rows = measured[measured["task"].isin(tasks)] if not measured.empty else measured
     if rows.empty:
         return pd.DataFrame(columns=keys)
@@ -137,9 +142,7 @@ def _cost_columns(measured: pd.DataFrame, tasks: set[str], keys: list[str]) -> p
     grouped = rows.groupby(keys, sort=False)
     return pd.DataFrame({
         "TFLOPs %": 100 * grouped["tflops_language_model"].sum() / grouped["tflops_lm_original"].sum(),
-        "TFLOPs / sample": grouped["tflops"].mean(),
         "latency (ms)": grouped["end_to_end_ms"].mean(),
-        "kept image tokens": grouped["kept_image_mean"].mean(),
         "batch": grouped["batch_size"].max(),
     }).reset_index()
 
@@ -214,8 +217,8 @@ def build_tables(scores: pd.DataFrame, measured: pd.DataFrame) -> dict[str, pd.D
                         _measured_table(greedy_scores, greedy_measured, benchmark_columns, BENCHMARK_TASKS, keys)])
     tables["table1_benchmarks"] = _order(table1, KEY + list(benchmark_columns) + cost)
 
-    table2 = pd.concat([reported_rows("table2_captioning"),
-                        _measured_table(greedy_scores, greedy_measured, CAPTION_COLUMNS, CAPTION_TASKS, keys)])
+    captions = _measured_table(greedy_scores, greedy_measured, CAPTION_COLUMNS, CAPTION_TASKS, keys)
+    table2 = pd.concat([reported_rows("table2_captioning"), captions])
     table2["Auto R"] = table2["method"].map(lambda m: "yes" if m in AUTO_RATE_METHODS else "no")
     tables["table2_captioning"] = _order(table2, KEY + ["TFLOPs %", "latency (ms)", *CAPTION_COLUMNS, "Auto R", "batch"])
 
@@ -228,15 +231,11 @@ def build_tables(scores: pd.DataFrame, measured: pd.DataFrame) -> dict[str, pd.D
     reported3 = reported_rows("table3_decoding").rename(columns={"settings": "decoding"}).assign(settings="")
     tables["table3_decoding"] = _order(pd.concat([reported3, table3]), KEY + ["decoding", *CAPTION_COLUMNS, "TFLOPs %"])
 
-    table4 = _measured_table(greedy_scores, greedy_measured, CAPTION_COLUMNS, CAPTION_TASKS, keys)
-    if not table4.empty:
-        table4 = table4[table4["method"].isin({"original", "fastv", "dyrate"})]
+    table4 = captions[captions["method"].isin({"original", "fastv", "dyrate"})] if not captions.empty else captions
     tables["table4_flops_target"] = _order(pd.concat([reported_rows("table4_flops_target"), table4]),
                                            KEY + [*CAPTION_COLUMNS, "TFLOPs %"])
 
-    table5 = _measured_table(greedy_scores, greedy_measured, CAPTION_COLUMNS, CAPTION_TASKS, keys)
-    if not table5.empty:
-        table5 = table5[table5["method"].isin(ABLATION_METHODS)]
+    table5 = captions[captions["method"].isin(ABLATION_METHODS)] if not captions.empty else captions
     tables["table5_ablation"] = _order(table5 if not table5.empty else pd.DataFrame(columns=KEY),
                                        KEY + [*CAPTION_COLUMNS, "TFLOPs %"])
     return tables
@@ -251,7 +250,7 @@ def _drop_empty_score_columns(table: pd.DataFrame, keep: set[str]) -> pd.DataFra
 def write_table(table: pd.DataFrame, out_dir: Path, name: str, sources: list[str], note: str = "") -> None:
     table.to_csv(out_dir / f"{name}.csv", index=False)
     listing = "\n".join(f"- {file}" for file in sorted(set(sources))) or "- (no measured runs)"
-    shown = table.round({"TFLOPs %": 2, "latency (ms)": 1, "kept image tokens": 1}).round(4)
+    shown = table.round({"TFLOPs %": 2, "latency (ms)": 1}).round(4)
     shown = shown.astype(object).where(shown.notna(), None)  # tabulate writes None as missingval
     body = shown.to_markdown(index=False, floatfmt="g", missingval="missing") if not table.empty else "(no rows)"
     (out_dir / f"{name}.md").write_text(f"{body}\n\n{note}Run files:\n{listing}\n")
@@ -401,8 +400,8 @@ def write_report(paths: list[str | Path], out_dir: str | Path) -> dict[str, pd.D
         "table4_flops_target": "DyRate trained for two FLOPs targets against FastV (rows appear as those runs exist).\n\n",
         "table5_ablation": f"Methods {', '.join(ABLATION_METHODS)} (rows appear as those runs exist).\n\n",
     }
+    keep = set(KEY) | {"decoding", "TFLOPs %", "latency (ms)", "batch", "Auto R"}
     for name, table in tables.items():
-        keep = set(KEY) | {"decoding", "TFLOPs %", "latency (ms)", "batch", "Auto R"}
         sources = table_sources(table, scores, table_tasks[name])
         write_table(_drop_empty_score_columns(table, keep), out_dir, name, sources, notes[name])
     pareto_figure(tables, out_dir / "pareto.png")

@@ -114,7 +114,7 @@ def shapes_scores(table: pd.DataFrame) -> pd.DataFrame:
     return _method_order(wide)[[*RUN_KEY, *[c for c in SHAPES_SCORES.values() if c in wide]]]
 
 
-def _samples_file(results_file: Path, task: str) -> Path:
+def samples_file(results_file: Path, task: str) -> Path:
     # lmms-eval writes <stamp>_results.json and <stamp>_samples_<task>.jsonl side by side
     return results_file.with_name(results_file.name.replace("_results.json", f"_samples_{task}.jsonl"))
 
@@ -132,7 +132,7 @@ def shapes_breakdown(table: pd.DataFrame) -> pd.DataFrame:
             if task not in SHAPES_BREAKDOWN:
                 continue
             field, metric = SHAPES_BREAKDOWN[task]
-            samples = _samples_file(Path(file), task)
+            samples = samples_file(Path(file), task)
             if not samples.exists():
                 raise PruningConfigError(f"{samples} is missing: run lmms-eval with --log_samples for the per-kind table")
             scores: dict[str, list[float]] = {}

@@ -18,6 +18,7 @@ from PIL import Image
 from .errors import PruningConfigError
 from .hf_llava import install, last_plan, uninstall
 from .methods import PruningPolicy
+from .pruning import resolve_dtype
 from .prompts import llava_prompt
 
 TRACE_FILE = "trace.json"
@@ -70,10 +71,10 @@ def write_trace(out_dir: str | Path, pretrained: str, policy: PruningPolicy, ima
 
     if not images:
         raise PruningConfigError("trace needs at least one example image")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # eager attention: the only implementation that returns attention weights
     model = LlavaForConditionalGeneration.from_pretrained(
-        pretrained, dtype=torch.float16 if device == "cuda" else torch.float32, attn_implementation="eager", device_map=device
+        pretrained, dtype=resolve_dtype("auto", device), attn_implementation="eager", device_map=str(device)
     ).eval()
     processor = AutoProcessor.from_pretrained(pretrained)
     examples = trace_examples(model, processor, policy, images, prompt, max_new_tokens)
