@@ -5,19 +5,26 @@
 #
 # The grid: the original model; FastV at K=2 with R = 0.5, 0.75, 0.9, each with its
 # attention-ranked selection and with a random selection of the same count; FastV at
-# K=3 and K=4 (R=0.75); VTW at its default K (half the depth) and at K=2. Then the
-# decoding ablation (FastV K=2 R=0.5 captions with beam-2, beam-5 and top-p), a trace
-# of four captions (attention per token group, kept tokens; the report's figures) and
-# the side-by-side benchmark on the CPU-scaled 7B shape.
+# K=3 and K=4 (R=0.75); VTW at its default K (half the depth) and at K=2; DyRate with
+# the two predictors shipped for the embedded model (trained for FLOPs shares of 0.6
+# and 0.7: its prefill-heavy FLOPs cannot go much below 0.5 at K=2; trained first if
+# missing); the layer schedules (below). Then the decoding
+# ablation (DyRate 0.6 captions with beam-2, beam-5 and top-p), the rate ablation
+# (FixedPrune and DepthBasedPrune at K=2 with the rate that spends DyRate 0.6's FLOPs
+# share on the captions, `dyrate-eval match-rate`), traces of four captions with FastV
+# and DyRate (attention per token group, kept tokens; the report's figures) and the
+# side-by-side benchmarks on the embedded model and on the CPU-scaled 7B shape.
 #
 # ./run_all.sh --paper --model-7b ID --model-13b ID runs the paper's grid instead, on a
 # GPU machine with network access (lmms-eval's own benchmarks download their data; the
 # models are hub ids or folders): per model the original, FastV K=2 R=0.5 and K=3
 # R=0.5 (the paper's two FastV rows, about 55% and 57% of the FLOPs) and VTW (K=16 for
 # 7B, 20 for 13B) on GQA, VizWiz, SQA-IMG, TextVQA, POPE, MMBench, MME, NoCaps and
-# Flickr30k; NoCaps with beam-2, beam-5 and top-p for FastV K=2 R=0.5; a trace; the
-# benchmark of the real shapes with random weights. Runs go to runs/paper and the
-# report to results/paper. Either model may be left out.
+# Flickr30k; with --predictor-7b / --predictor-13b DIR (from `dyrate-eval
+# train-predictor --pretrained ID`), DyRate on the same, NoCaps with beam-2, beam-5 and
+# top-p and the rate ablation on NoCaps; without, the decoding ablation runs FastV K=2
+# R=0.5. Then a trace and the benchmark of the real shapes with random weights. Runs go
+# to runs/paper and the report to results/paper. Either model may be left out.
 #
 # Resumable: each cell is written to a temporary folder and moved into place only when
 # its results file exists, so an interrupted run loses nothing and a rerun skips the
@@ -32,6 +39,8 @@ limit=()
 paper=0
 model_7b=""
 model_13b=""
+predictor_7b=""
+predictor_13b=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --force) force=1 ;;
@@ -39,8 +48,11 @@ while [ $# -gt 0 ]; do
     --paper) paper=1 ;;
     --model-7b) model_7b=$2; shift ;;
     --model-13b) model_13b=$2; shift ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
-    *) echo "run_all.sh: unknown argument $1 (allowed: --force, --limit N, --paper --model-7b ID --model-13b ID)" >&2; exit 2 ;;
+    --predictor-7b) predictor_7b=$2; shift ;;
+    --predictor-13b) predictor_13b=$2; shift ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    *) echo "run_all.sh: unknown argument $1 (allowed: --force, --limit N, --paper --model-7b ID --model-13b ID" \
+         "--predictor-7b DIR --predictor-13b DIR)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -48,8 +60,8 @@ if [ "$paper" = 1 ] && [ -z "$model_7b$model_13b" ]; then
   echo "run_all.sh: --paper needs --model-7b ID and/or --model-13b ID (e.g. llava-hf/llava-1.5-7b-hf)" >&2
   exit 2
 fi
-if [ "$paper" = 0 ] && [ -n "$model_7b$model_13b" ]; then
-  echo "run_all.sh: --model-7b / --model-13b go with --paper" >&2
+if [ "$paper" = 0 ] && [ -n "$model_7b$model_13b$predictor_7b$predictor_13b" ]; then
+  echo "run_all.sh: --model-7b / --model-13b / --predictor-7b / --predictor-13b go with --paper" >&2
   exit 2
 fi
 runs=runs/embedded
@@ -67,29 +79,53 @@ if [ "$paper" = 0 ] && [ ! -f "$embedded/config.json" ]; then
   echo "the embedded model is missing: training it into $embedded (about an hour on 2 CPU cores)"
   "$bin/dyrate-eval" train-embedded --out "$embedded"
 fi
+# DyRate's predictors for the embedded model, shipped beside it (dyrate 0.6 is the default)
+predictors=dyrate_eval/predictors
+for target in 0.6 0.7; do
+  if [ "$paper" = 0 ] && [ ! -f "$predictors/embedded-flops$target/predictor.json" ]; then
+    echo "the embedded model's DyRate predictor for a FLOPs share of $target is missing: training it (minutes)"
+    "$bin/dyrate-eval" train-predictor --target-flops "$target" --out "$predictors/embedded-flops$target"
+  fi
+done
 
 # cell name | lmms-eval model | model_args (the embedded model is the default
 # pretrained) | tasks | gen_kwargs overriding the tasks' decoding
 paper_tasks=gqa,vizwiz_vqa_val,scienceqa_img,textvqa_val,pope,mmbench_en_dev,mme,nocaps_val,flickr30k_test
+# the rate ablation, after the grid: label | pretrained (empty: embedded) | the DyRate
+# cell whose captions set the FLOPs share | caption task | its predictor
+ablation=()
 if [ "$paper" = 1 ]; then
   cells=()
   for size in 7b 13b; do
-    if [ "$size" = 7b ]; then id=$model_7b; vtw_k=16; else id=$model_13b; vtw_k=20; fi
+    if [ "$size" = 7b ]; then id=$model_7b; vtw_k=16; predictor=$predictor_7b; else id=$model_13b; vtw_k=20; predictor=$predictor_13b; fi
     [ -n "$id" ] || continue
     cells+=(
       "${size}_original|original_llava|pretrained=$id|$paper_tasks|"
       "${size}_fastv_K2_R0.5|fastv_llava|pretrained=$id,K=2,R=0.5|$paper_tasks|"
       "${size}_fastv_K3_R0.5|fastv_llava|pretrained=$id,K=3,R=0.5|$paper_tasks|"
       "${size}_vtw_K$vtw_k|vtw_llava|pretrained=$id,K=$vtw_k|$paper_tasks|"
-      "${size}_decoding_fastv_K2_R0.5_beam2|fastv_llava|pretrained=$id,K=2,R=0.5|nocaps_val|num_beams=2"
-      "${size}_decoding_fastv_K2_R0.5_beam5|fastv_llava|pretrained=$id,K=2,R=0.5|nocaps_val|num_beams=5"
-      "${size}_decoding_fastv_K2_R0.5_top_p|fastv_llava|pretrained=$id,K=2,R=0.5|nocaps_val|do_sample=True,temperature=0.7,top_p=0.9"
+    )
+    if [ -n "$predictor" ]; then
+      cells+=("${size}_dyrate|dyrate_llava|pretrained=$id,predictor=$predictor|$paper_tasks|")
+      decoding="${size}_decoding_dyrate|dyrate_llava|pretrained=$id,predictor=$predictor|nocaps_val"
+      ablation+=("$size|$id|${size}_dyrate|nocaps_val|$predictor")
+    else
+      decoding="${size}_decoding_fastv_K2_R0.5|fastv_llava|pretrained=$id,K=2,R=0.5|nocaps_val"
+    fi
+    IFS='|' read -r name model args tasks <<<"$decoding"
+    cells+=(
+      "${name}_beam2|$model|$args|$tasks|num_beams=2"
+      "${name}_beam5|$model|$args|$tasks|num_beams=5"
+      "${name}_top_p|$model|$args|$tasks|do_sample=True,temperature=0.7,top_p=0.9"
     )
   done
 else
+# the comparisons the README leads with first, so that a run cut short has them
 cells=(
   "original|original_llava||shapes|"
   "fastv_K2_R0.5|fastv_llava|K=2,R=0.5|shapes|"
+  "dyrate_flops0.6|dyrate_llava|predictor=$predictors/embedded-flops0.6|shapes|"
+  "dyrate_flops0.7|dyrate_llava|predictor=$predictors/embedded-flops0.7|shapes|"
   "fastv_K2_R0.75|fastv_llava|K=2,R=0.75|shapes|"
   "fastv_K2_R0.9|fastv_llava|K=2,R=0.9|shapes|"
   "fastv_K2_R0.5_random|fastv_llava|K=2,R=0.5,selection=random|shapes|"
@@ -99,23 +135,31 @@ cells=(
   "fastv_K4_R0.75|fastv_llava|K=4,R=0.75|shapes|"
   "vtw_default|vtw_llava||shapes|"
   "vtw_K2|vtw_llava|K=2|shapes|"
-  "decoding_fastv_K2_R0.5_beam2|fastv_llava|K=2,R=0.5|shapes_caption|num_beams=2"
-  "decoding_fastv_K2_R0.5_beam5|fastv_llava|K=2,R=0.5|shapes_caption|num_beams=5"
-  "decoding_fastv_K2_R0.5_top_p|fastv_llava|K=2,R=0.5|shapes_caption|do_sample=True,temperature=0.7,top_p=0.9"
+  "decoding_dyrate_flops0.6_beam2|dyrate_llava|predictor=$predictors/embedded-flops0.6|shapes_caption|num_beams=2"
+  "decoding_dyrate_flops0.6_beam5|dyrate_llava|predictor=$predictors/embedded-flops0.6|shapes_caption|num_beams=5"
+  "decoding_dyrate_flops0.6_top_p|dyrate_llava|predictor=$predictors/embedded-flops0.6|shapes_caption|do_sample=True,temperature=0.7,top_p=0.9"
 )
+ablation=("embedded||dyrate_flops0.6|shapes_caption|$predictors/embedded-flops0.6")
 fi
 
-total=$((${#cells[@]} + 2))
+# traces and benchmarks, run after the cells; the paper's are traced on its first model
+if [ -n "$model_7b" ]; then trace_model=$model_7b; trace_predictor=$predictor_7b; else trace_model=$model_13b; trace_predictor=$predictor_13b; fi
+once=4
+schedule_cells=4
+[ "$paper" = 0 ] || { once=3; [ -z "$trace_predictor" ] || once=4; schedule_cells=0; }
+total=$((${#cells[@]} + schedule_cells + 2 * ${#ablation[@]} + once))
 index=0
-for cell in "${cells[@]}"; do
-  IFS='|' read -r name lmms_model model_args tasks gen_kwargs <<<"$cell"
+# One lmms-eval cell: name | lmms-eval model | model_args | tasks | gen_kwargs.
+run_cell() {
+  local name lmms_model model_args tasks gen_kwargs out
+  IFS='|' read -r name lmms_model model_args tasks gen_kwargs <<<"$1"
   index=$((index + 1))
   out="$runs/$name"
   # lmms-eval puts the results file in a subfolder named after pretrained=, or directly
   # in the output folder when pretrained= is not given
   if [ "$force" = 0 ] && [ -n "$(find "$out" -name '*_results.json' 2>/dev/null)" ]; then
     echo "[$index/$total] $name: done earlier, skipped"
-    continue
+    return
   fi
   echo "[$index/$total] $name: running (log: $out.partial/log.txt)"
   started=$SECONDS
@@ -132,6 +176,72 @@ for cell in "${cells[@]}"; do
   fi
   mv "$out.partial" "$out"
   echo "[$index/$total] $name: done in $((SECONDS - started)) s"
+}
+for cell in "${cells[@]}"; do
+  run_cell "$cell"
+done
+
+# Layer schedules (embedded only; dyrate_eval/schedules.py), searched after the grid:
+# G-Search with the KL and with the score criterion, P-Sigmoid at a 40% FLOPs budget
+# (both calibrated on the first 100 docs of shapes_vqa) and VTW's K by its KL rule on 20.
+# Each search writes its schedule file last, so a rerun skips a finished search (--force
+# redoes it). The schedules then run as cells on `shapes`, beside FastV K=2 at R=0.75
+# and R=0.9 (about the same FLOPs share); VTW's K only when one meets eta.
+if [ "$paper" = 0 ]; then
+  schedules=$runs/schedules
+  calibration_docs=100
+  vtw_docs=20
+  trials=30
+  [ ${#limit[@]} = 0 ] || { calibration_docs=${limit[1]}; vtw_docs=${limit[1]}; trials=2; }
+  search() {  # the file the search writes, then its dyrate-eval command
+    local out=$1
+    shift
+    if [ "$force" = 0 ] && [ -f "$out" ]; then
+      echo "search ${out##*/}: done earlier, skipped"
+      return
+    fi
+    echo "search ${out##*/}: running (log: ${out%.json}.log)"
+    started=$SECONDS
+    mkdir -p "$schedules"
+    if ! "$bin/dyrate-eval" "$@" --out "$out" >"${out%.json}.log" 2>&1; then
+      echo "search ${out##*/}: FAILED; log: ${out%.json}.log" >&2
+      tail -n 20 "${out%.json}.log" >&2
+      exit 1
+    fi
+    echo "search ${out##*/}: done in $((SECONDS - started)) s"
+  }
+  search "$schedules/gsearch_kl.json" gsearch --task shapes_vqa --limit "$calibration_docs" --criterion kl --tolerance 0.3
+  search "$schedules/gsearch_score.json" gsearch --task shapes_vqa --limit "$calibration_docs" --criterion score --tolerance 0.02
+  search "$schedules/psigmoid_score_b0.4.json" psigmoid --task shapes_vqa --limit "$calibration_docs" --criterion score \
+    --budget 0.4 --trials "$trials"
+  search "$schedules/vtw_k.json" find-vtw-k --task shapes_vqa --limit "$vtw_docs" --eta 0.003
+  run_cell "gsearch_kl|dyrate_llava|method=schedule,schedule=$schedules/gsearch_kl.json|shapes|"
+  run_cell "gsearch_score|dyrate_llava|method=schedule,schedule=$schedules/gsearch_score.json|shapes|"
+  run_cell "psigmoid_score_b0.4|dyrate_llava|method=schedule,schedule=$schedules/psigmoid_score_b0.4.json|shapes|"
+  vtw_k=$("$bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["K"] or "")' "$schedules/vtw_k.json")
+  if [ -n "$vtw_k" ]; then
+    run_cell "vtw_K${vtw_k}_searched|vtw_llava|K=$vtw_k|shapes|"
+  else
+    index=$((index + 1))
+    echo "VTW's searched K: no layer meets eta (see $schedules/vtw_k.json), no cell" >&2
+  fi
+fi
+
+# The rate ablation: FixedPrune and DepthBasedPrune at DyRate's K, with the rate that
+# spends the FLOPs share DyRate spent on the same captions.
+for item in "${ablation[@]}"; do
+  IFS='|' read -r label id dyrate_cell task predictor <<<"$item"
+  arch=${id:-$embedded}
+  K=$("$bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1] + "/predictor.json"))["K"])' "$predictor")
+  prefix=""; [ "$label" = embedded ] || prefix="${label}_"
+  if rate=$("$bin/dyrate-eval" match-rate "$runs/$dyrate_cell" --task "$task" --method fixed_prune --set "K=$K" --arch "$arch") &&
+     depth_rate=$("$bin/dyrate-eval" match-rate "$runs/$dyrate_cell" --task "$task" --method depth_prune --set "K=$K" --arch "$arch"); then
+    run_cell "${prefix}ablation_fixed_prune_K${K}_R$rate|dyrate_llava|${id:+pretrained=$id,}method=fixed_prune,K=$K,R=$rate|$task|"
+    run_cell "${prefix}ablation_depth_prune_K${K}_R$depth_rate|dyrate_llava|${id:+pretrained=$id,}method=depth_prune,K=$K,R=$depth_rate|$task|"
+  else
+    index=$((index + 2))
+    echo "rate ablation for $label skipped: no rate matches $dyrate_cell's FLOPs share (see the message above)" >&2
+  fi
 done
 
 # Cells written by a command in one go: skipped when their output exists.
@@ -154,9 +264,12 @@ examples=4
 samples=5
 [ ${#limit[@]} = 0 ] || { examples=1; samples=1; }
 if [ "$paper" = 1 ]; then
-  trace_model=${model_7b:-$model_13b}  # traced on held-out shapes scenes
   run_once trace_fastv_K2_R0.5 "$runs/trace_fastv_K2_R0.5/trace.json" \
     "$bin/dyrate-eval" trace --pretrained "$trace_model" --out "$runs/trace_fastv_K2_R0.5" --method fastv --set K=2 R=0.5 --examples "$examples"
+  if [ -n "$trace_predictor" ]; then
+    run_once trace_dyrate "$runs/trace_dyrate/trace.json" \
+      "$bin/dyrate-eval" trace --pretrained "$trace_model" --out "$runs/trace_dyrate" --method dyrate --set "predictor=$trace_predictor" --examples "$examples"
+  fi
   for size in 7b 13b; do
     vtw_k=16; [ "$size" = 7b ] || vtw_k=20
     run_once "bench_$size" "$runs/bench_$size/bench.csv" \
@@ -166,6 +279,11 @@ if [ "$paper" = 1 ]; then
 else
   run_once trace_fastv_K2_R0.5 "$runs/trace_fastv_K2_R0.5/trace.json" \
     "$bin/dyrate-eval" trace --out "$runs/trace_fastv_K2_R0.5" --method fastv --set K=2 R=0.5 --examples "$examples"
+  run_once trace_dyrate_flops0.6 "$runs/trace_dyrate_flops0.6/trace.json" \
+    "$bin/dyrate-eval" trace --out "$runs/trace_dyrate_flops0.6" --method dyrate --examples "$examples"
+  run_once bench_embedded "$runs/bench_embedded/bench.csv" \
+    "$bin/dyrate-eval" bench --methods original,fastv:K=2:R=0.5,dyrate \
+    --samples "$((4 * samples))" --warmup 2 --new-tokens 24 --out "$runs/bench_embedded/bench.csv"
   run_once bench_7b_cpu "$runs/bench_7b_cpu/bench.csv" \
     "$bin/dyrate-eval" bench --arch llava-1.5-7b-cpu --methods original,fastv:K=2:R=0.5,vtw:K=16 \
     --samples "$samples" --warmup 1 --new-tokens 16 --out "$runs/bench_7b_cpu/bench.csv"

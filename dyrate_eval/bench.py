@@ -10,14 +10,13 @@ nothing downloaded) time the real shapes faithfully.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pandas as pd
 import torch
 from tqdm import tqdm
 
 from .errors import PruningConfigError
-from .flops import ARCHS, Arch
+from .arch import ARCHS, Arch
 from .hf_llava import install, last_plan
 from .measure import sample_measurements, timed_generate
 from .methods import PruningPolicy, make_policy, parse_settings
@@ -26,13 +25,13 @@ from .methods import PruningPolicy, make_policy, parse_settings
 BENCH_COLUMNS = ("ttft_ms", "decode_ms_per_token", "end_to_end_ms", "tflops", "kv_bytes_peak", "device_memory_peak")
 
 
-def parse_methods(spec: str, num_layers: int) -> list[tuple[str, PruningPolicy]]:
+def parse_methods(spec: str, arch: Arch) -> list[tuple[str, PruningPolicy]]:
     """``original,fastv:K=2:R=0.5,vtw:K=16`` -> [(label, policy)], validated."""
     methods = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, *pairs = item.split(":")
         settings = parse_settings(pairs, label=f"method setting {{pair!r}} in {item!r}", example="fastv:K=2:R=0.5")
-        methods.append((item, make_policy(name, num_layers, **settings)))
+        methods.append((item, make_policy(name, arch, **settings)))
     if not methods:
         raise PruningConfigError("--methods is empty: give e.g. original,fastv:K=2:R=0.5")
     return methods
@@ -50,7 +49,7 @@ def load_bench_model(pretrained: str | None, arch_name: str | None, random_weigh
         config = AutoConfig.from_pretrained(pretrained)
     else:
         model = LlavaForConditionalGeneration.from_pretrained(pretrained, dtype=dtype, device_map=device).eval()
-        return model, Arch.from_config(model.config, Path(pretrained).name)
+        return model, Arch.from_config(model.config, str(pretrained))
     with torch.device(device):
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
@@ -58,7 +57,7 @@ def load_bench_model(pretrained: str | None, arch_name: str | None, random_weigh
             model = LlavaForConditionalGeneration(config).eval()
         finally:
             torch.set_default_dtype(previous)
-    return model, Arch.from_config(config, arch_name or Path(pretrained).name)
+    return model, Arch.from_config(config, arch_name or str(pretrained))
 
 
 def bench_inputs(model, arch: Arch, text_tokens: int, samples: int, seed: int = 0) -> list[dict]:

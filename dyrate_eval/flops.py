@@ -11,109 +11,12 @@ figure FastV and the DyRate paper report (per layer 4nd^2 + 2n^2d + 2ndm).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 
+from .arch import Arch
 from .errors import PruningConfigError
 from .methods import PruningPolicy, StepView
 from .plan import ExecutedPlan
-
-
-@dataclass(frozen=True)
-class Arch:
-    """The dimensions FLOPs depend on."""
-
-    name: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    vision_hidden: int
-    vision_intermediate: int
-    vision_layers: int
-    image_size: int
-    patch_size: int
-    # LLaVA-1.5 reads every patch token (the class token is dropped before the projector)
-    @property
-    def n_img(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @classmethod
-    def from_config(cls, config, name: str) -> "Arch":
-        text, vision = config.text_config, config.vision_config
-        return cls(
-            name=name,
-            hidden=text.hidden_size,
-            intermediate=text.intermediate_size,
-            layers=text.num_hidden_layers,
-            heads=text.num_attention_heads,
-            kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-            vocab=text.vocab_size,
-            vision_hidden=vision.hidden_size,
-            vision_intermediate=vision.intermediate_size,
-            vision_layers=vision.num_hidden_layers,
-            image_size=vision.image_size,
-            patch_size=vision.patch_size,
-        )
-
-    def llava_config(self):
-        """A LlavaConfig of this shape (for random-weight models; LLaVA's image token
-        id sits 64 below the padded vocabulary's end, as in llava-hf's checkpoints)."""
-        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-        vision = CLIPVisionConfig(
-            hidden_size=self.vision_hidden,
-            intermediate_size=self.vision_intermediate,
-            num_hidden_layers=self.vision_layers,
-            num_attention_heads=self.vision_hidden // 64,
-            image_size=self.image_size,
-            patch_size=self.patch_size,
-        )
-        text = LlamaConfig(
-            vocab_size=self.vocab,
-            hidden_size=self.hidden,
-            intermediate_size=self.intermediate,
-            num_hidden_layers=self.layers,
-            num_attention_heads=self.heads,
-            num_key_value_heads=self.kv_heads,
-            head_dim=self.head_dim,
-            max_position_embeddings=4096,
-        )
-        return LlavaConfig(vision_config=vision, text_config=text, image_token_id=self.vocab - 64, vision_feature_layer=-2)
-
-
-# The published LLaVA-1.5 shapes: Vicuna-v1.5 (Llama-2) decoders, CLIP ViT-L/14 at 336 px.
-_CLIP_L_336 = {"vision_hidden": 1024, "vision_intermediate": 4096, "vision_layers": 24, "image_size": 336, "patch_size": 14}
-ARCHS = {
-    "llava-1.5-7b": Arch("llava-1.5-7b", 4096, 11008, 32, 32, 32, 128, 32064, **_CLIP_L_336),
-    "llava-1.5-13b": Arch("llava-1.5-13b", 5120, 13824, 40, 40, 40, 128, 32064, **_CLIP_L_336),
-    # For timing on a CPU: the 7B's depth, head size and token counts (576 image tokens)
-    # at a sixteenth of its width, so a sample takes seconds on 2 cores.
-    "llava-1.5-7b-cpu": Arch(
-        "llava-1.5-7b-cpu", 256, 688, 32, 2, 2, 128, 32064,
-        vision_hidden=128, vision_intermediate=512, vision_layers=24, image_size=336, patch_size=14,
-    ),
-}
-
-
-def load_arch(name_or_path: str | Path) -> Arch:
-    """A named shape (``llava-1.5-7b``, ``llava-1.5-13b``) or a model folder's config."""
-    if str(name_or_path) in ARCHS:
-        return ARCHS[str(name_or_path)]
-    path = Path(name_or_path)
-    if not (path / "config.json").is_file():
-        raise PruningConfigError(
-            f"--arch {name_or_path!r} is neither a known shape ({', '.join(ARCHS)}) nor a folder with a config.json"
-        )
-    from transformers import AutoConfig
-
-    return Arch.from_config(AutoConfig.from_pretrained(path), name=path.name)
 
 
 def layer_flops(arch: Arch, queries: int, keys: int) -> int:
@@ -152,6 +55,7 @@ def plan_flops(plan: ExecutedPlan, arch: Arch, row: int = 0, num_steps: int | No
     for queries, keys, scored in zip(record["queries"], record["keys"], record["scored_keys"]):
         per_step.append(sum(layer_flops(arch, q, k) for q, k in zip(queries, keys)) + lm_head)
         scoring += sum(scoring_flops(arch, k) for k in scored if k)
+    scoring += sum(record["decision_flops"])
     language_model = sum(per_step) + scoring
     return {
         "prefill": per_step[0] if per_step else 0,
@@ -164,6 +68,30 @@ def plan_flops(plan: ExecutedPlan, arch: Arch, row: int = 0, num_steps: int | No
     }
 
 
+def kept_count_flops(arch: Arch, K: int, text_tokens: torch.Tensor, n_img: torch.Tensor, kept: torch.Tensor,
+                     steps: torch.Tensor, decision_flops: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Language-model FLOPs of generations whose layers >= K see ``kept`` (B, T) image
+    tokens at each step (layers < K see all ``n_img``), each row running ``steps`` (B,)
+    of them, with a scoring row at layer K-1 and a decision at every step (DyRate,
+    progressive); and of the unpruned model on the same prompts and lengths. Arithmetic
+    only, so ``kept`` may carry gradients (DyRate's training); with whole counts it is
+    what ``plan_flops`` counts for such a run (a test checks it). Returns ((B,), (B,))."""
+    lm_head = 2 * arch.hidden * arch.vocab
+    n_full = text_tokens + n_img  # (B,)
+    step_index = torch.arange(kept.shape[1], device=kept.device)
+    valid = step_index[None] < steps[:, None]  # (B, T)
+    seen = step_index[None] + text_tokens[:, None]  # (B, T): prompt text and response tokens before the query
+    full = n_full[:, None] + step_index[None]  # keys of the unpruned layers at each step
+    pruned_keys = seen + kept
+    queries = torch.where(step_index[None] == 0, pruned_keys, torch.ones_like(pruned_keys))
+    full_queries = torch.where(step_index[None] == 0, full, torch.ones_like(full))
+    unpruned_part = K * layer_flops(arch, full_queries, full) + lm_head
+    pruned = unpruned_part + (arch.layers - K) * layer_flops(arch, queries, pruned_keys)
+    pruned = pruned + scoring_flops(arch, full) + decision_flops
+    original = arch.layers * layer_flops(arch, full_queries, full) + lm_head
+    return (pruned * valid).sum(1), (original * valid).sum(1)
+
+
 def paper_convention(plan: ExecutedPlan, arch: Arch, row: int = 0) -> int:
     """Prefill only, per layer 4nd^2 + 2n^2d + 2ndm with n the layer's tokens: the
     figure FastV and the DyRate paper report (multiply-accumulates, two-matrix MLP)."""
@@ -174,29 +102,43 @@ def paper_convention(plan: ExecutedPlan, arch: Arch, row: int = 0) -> int:
 def simulate_plan(policy: PruningPolicy, arch: Arch, text_tokens: int, new_tokens: int) -> ExecutedPlan:
     """The plan the executor runs for one sample of ``text_tokens`` prompt tokens besides
     its image, generating ``new_tokens`` tokens (a prefill and new_tokens - 1 decode
-    forwards), without a model. ``tests/test_flops.py`` checks it against real runs."""
+    forwards), without a model. ``tests/test_flops.py`` checks it against real runs.
+    Policies that decide from the attention (DyRate) have no plan before they run."""
     n_img = torch.tensor([arch.n_img])
+    if any(policy.observes(layer, step) for layer in range(1, arch.layers) for step in range(min(new_tokens, 2))):
+        raise PruningConfigError(
+            f"method {policy.name!r} decides from the attention at every step: its FLOPs come from a run "
+            "(the samples log of an lmms-eval run, or `dyrate-eval bench`), not from a simulation"
+        )
     plan = ExecutedPlan(n_img=n_img)
 
     def decide(layer: int, step: int, kept_now: int) -> int | None:
-        """The policy's new count before ``layer``, or None when nothing changes."""
+        """The policy's new count before ``layer``, or None when nothing changes: a
+        progressive policy only drops; one that masks re-selects among all image tokens."""
         keep = policy.keep_before_layer(layer, step, StepView(n_img=n_img, kept=torch.tensor([kept_now])))
-        return None if keep is None or int(keep[0]) >= kept_now else int(keep[0])
+        if keep is None:
+            return None
+        if not policy.progressive:
+            return min(int(keep[0]), arch.n_img)
+        return None if int(keep[0]) >= kept_now else int(keep[0])
 
     def scores(keep: int) -> bool:
         return keep > 0 and policy.ranks_by_attention
 
-    # prefill: drops shorten every later layer's sequence (layer 0 is never pruned)
+    # prefill: a progressive drop shortens every later layer's sequence (layer 0 is never
+    # pruned); a masking policy hides tokens that stay in the sequence
     kept, scored = [arch.n_img], [0] * arch.layers
     for layer in range(1, arch.layers):
         keep = decide(layer, 0, kept[-1])
         if keep is not None and scores(keep):
             scored[layer - 1] = text_tokens + kept[layer - 1]
         kept.append(kept[-1] if keep is None else keep)
-    keys = [text_tokens + count for count in kept]
+    present = kept if policy.progressive else [arch.n_img] * arch.layers
+    keys = [text_tokens + count for count in present]
     plan.add_step(torch.tensor([kept]), torch.tensor([keys]), torch.tensor([keys]), torch.tensor([scored]))
 
-    # decode: one new query per layer; a drop evicts from the caches of every later layer
+    # decode: one new query per layer; a progressive drop evicts from the caches of every
+    # later layer, a masking policy only changes what they attend to
     for step in range(1, new_tokens):
         keys, scored = [count + 1 for count in keys], [0] * arch.layers
         for layer in range(1, arch.layers):
@@ -204,10 +146,40 @@ def simulate_plan(policy: PruningPolicy, arch: Arch, text_tokens: int, new_token
             if keep is None:
                 continue
             if scores(keep):
-                scored[layer - 1] = keys[layer - 1]
+                scored[layer - 1] = keys[layer - 1] - (present[layer - 1] - kept[layer - 1])
             for later in range(layer, arch.layers):
-                dropped = max(0, kept[later] - keep)
-                kept[later] -= dropped
-                keys[later] -= dropped
+                if policy.progressive:
+                    dropped = max(0, kept[later] - keep)
+                    kept[later] -= dropped
+                    keys[later] -= dropped
+                else:
+                    kept[later] = keep
         plan.add_step(torch.tensor([kept]), torch.tensor([keys]), torch.tensor([[1] * arch.layers]), torch.tensor([scored]))
     return plan
+
+
+def rate_for_share(method: str, arch: Arch, share: float, samples: list[tuple[int, int]], **settings) -> float:
+    """The rate R at which ``method`` (any method with a rate setting R and a plan
+    fixed before it runs: fastv, fixed_prune, depth_prune) spends ``share`` of the
+    unpruned language-model FLOPs on ``samples`` (text tokens, new tokens), found by
+    bisection: its share falls as R grows. Gives a FLOPs-matched baseline for a method
+    that chooses its own rate."""
+    from .methods import make_policy
+
+    def share_at(rate: float) -> float:
+        policy = make_policy(method, arch, R=rate, **settings)
+        original = make_policy("original", arch)
+        spent = sum(plan_flops(simulate_plan(policy, arch, text, new), arch)["language_model"] for text, new in samples)
+        full = sum(plan_flops(simulate_plan(original, arch, text, new), arch)["language_model"] for text, new in samples)
+        return spent / full
+
+    low, high = 0.0, 1.0
+    if not share_at(high) <= share <= share_at(low):
+        raise PruningConfigError(
+            f"no rate of {method} with {settings} spends {share:.1%} of the FLOPs on these samples: "
+            f"its shares run from {share_at(high):.1%} (R=1) to {share_at(low):.1%} (R=0)"
+        )
+    for _ in range(20):  # rates are rounded to whole tokens; 2^-20 is far below one token
+        middle = (low + high) / 2
+        low, high = (middle, high) if share_at(middle) > share else (low, middle)
+    return round((low + high) / 2, 4)

@@ -7,7 +7,14 @@ image tokens to keep; when the count drops it ranks the image tokens by the atte
 row of the step's query at the previous layer (computed here from that layer's own
 post-rotary query and cached keys, while every layer keeps its fast attention kernel),
 then physically removes the dropped tokens: from the hidden states in prefill, and from
-the KV cache of the layers that no longer see them in decode.
+the KV cache of the layers that no longer see them in decode. A policy that decides from
+the attention (DyRate) is first shown the step's attention per head and token group at
+the previous layer; one that re-selects at every step (mode=mask) keeps the image tokens
+cached and hides the others from attention instead.
+
+DyRate's training runs here too (``TeacherForcedPass``): the frozen model teacher-forced
+on prompt + answer, with a registered attention function that weighs image keys per
+query, so that gradients reach the predictor's choices.
 
 Bookkeeping. Every token of a generation has a timeline position: prompt positions
 0..S-1, then one per generated token. Each decoder layer has a key layout, the timeline
@@ -19,19 +26,22 @@ Surviving tokens keep their original position ids (FastV/VTW convention).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from .arch import Arch
 from .errors import PruningConfigError
 from .methods import PruningPolicy, StepView
-from .plan import ExecutedPlan
+from .plan import GROUPS, ExecutedPlan
+from .ranking import top_slots
 
 _STATE_ATTR = "_dyrate_generation_state"
 
@@ -42,19 +52,51 @@ class _KeyLayout:
 
     index: torch.Tensor  # (B, L) timeline positions, ascending per row
     valid: torch.Tensor  # (B, L) False for filler entries
-    img_kept: torch.Tensor  # (B, N) which image slots are among the keys
+    img_kept: torch.Tensor  # (B, N) which image slots the layers attend to
+    # (B, L) True for cached image entries hidden from attention at this step: policies
+    # that re-select among all image tokens at every step (mode=mask) keep them cached
+    hidden: torch.Tensor | None = None
 
     def appended(self, positions: torch.Tensor) -> "_KeyLayout":
         batch = self.index.shape[0]
         new = positions.unsqueeze(0).expand(batch, -1)
+        no = torch.zeros_like(new, dtype=torch.bool)
         return _KeyLayout(
             torch.cat([self.index, new], dim=1),
-            torch.cat([self.valid, torch.ones_like(new, dtype=torch.bool)], dim=1),
+            torch.cat([self.valid, ~no], dim=1),
             self.img_kept,
+            None if self.hidden is None else torch.cat([self.hidden, no], dim=1),
         )
 
     def select_rows(self, rows: torch.Tensor) -> "_KeyLayout":
-        return _KeyLayout(self.index[rows], self.valid[rows], self.img_kept[rows])
+        hidden = None if self.hidden is None else self.hidden[rows]
+        return _KeyLayout(self.index[rows], self.valid[rows], self.img_kept[rows], hidden)
+
+    def attended(self) -> torch.Tensor:
+        """(B, L) the entries queries may attend to."""
+        return self.valid if self.hidden is None else self.valid & ~self.hidden
+
+
+def _token_groups(is_image: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
+    """(B, L) token group of each position, as an index into ``GROUPS``: system before
+    the image, image, instruction up to the end of the prompt, response after it (left
+    padding counts as system; it gets no attention)."""
+    positions = torch.arange(is_image.shape[1], device=is_image.device).expand_as(is_image)
+    first_image = is_image.to(torch.int8).argmax(1, keepdim=True)
+    groups = torch.full_like(positions, GROUPS.index("instruction"))
+    groups[positions < first_image] = GROUPS.index("system")
+    groups[positions >= prompt_lengths[:, None]] = GROUPS.index("response")
+    groups[is_image] = GROUPS.index("image")
+    return groups
+
+
+def _image_slots(is_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the positions of its image tokens in ascending order, padded to the row
+    with the most (positions 0 there), and which slots are real: ((B, N), (B, N))."""
+    slots = int(is_image.sum(1).max())
+    img_pos = torch.sort((~is_image).to(torch.int8), dim=1, stable=True).indices[:, :slots]
+    img_present = is_image.gather(1, img_pos)
+    return img_pos * img_present, img_present
 
 
 class _GenerationState:
@@ -63,11 +105,18 @@ class _GenerationState:
     def __init__(self, img_pos: torch.Tensor, img_present: torch.Tensor, length: int, num_layers: int):
         self.img_pos = img_pos  # (B, N) timeline positions of image slots (0 where absent)
         self.img_present = img_present  # (B, N) False for slots padding rows with fewer image tokens
+        self.prompt_length = length  # positions from here on are generated tokens
         self.length = length  # timeline length so far
         self.layouts: list[_KeyLayout] = [None] * num_layers  # type: ignore[list-item]
         self.plan = ExecutedPlan(n_img=img_present.sum(1))
         self.step = 0
         self.scored_keys = torch.zeros(img_pos.shape[0], num_layers, dtype=torch.long, device=img_pos.device)
+        self.decision: dict[str, torch.Tensor] = {}  # this step's observed decision, for the plan
+
+    def group_of_position(self) -> torch.Tensor:
+        """(B, length) token group of each timeline position (see ``_token_groups``)."""
+        prompt_lengths = torch.full((self.img_pos.shape[0],), self.prompt_length, device=self.img_pos.device)
+        return _token_groups(self.slot_of_position() >= 0, prompt_lengths)
 
     def slot_of_position(self) -> torch.Tensor:
         """(B, length) image slot of each timeline position, -1 for non-image positions."""
@@ -84,6 +133,7 @@ class _GenerationState:
         reordered: dict[int, _KeyLayout] = {}
         self.layouts = [reordered.setdefault(id(lay), lay.select_rows(rows)) for lay in self.layouts]
         self.plan.reorder(rows)
+        self.decision = {name: value[rows] for name, value in self.decision.items()}
 
 
 def _compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,10 +155,11 @@ class _MaskCache:
         for built_for, mask in self._built:
             if built_for is layout:
                 return mask
-        if timeline_mask is None and bool(layout.valid.all()):
+        attended = layout.attended()
+        if timeline_mask is None and bool(attended.all()):
             key_mask = None
         else:
-            key_mask = layout.valid
+            key_mask = attended
             if timeline_mask is not None:
                 key_mask = key_mask & timeline_mask.gather(1, layout.index)
         mask = create_causal_mask(
@@ -128,6 +179,29 @@ def _gather_rows(tensor: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     tensor = tensor.expand(local.shape[0], *tensor.shape[1:])
     index = local.reshape(*local.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:])
     return tensor.gather(1, index)
+
+
+def _attention_rows(layer, apply_rotary, layer_input, rotary, pick, key_ok, keys=None) -> torch.Tensor:
+    """(B, heads, T, L) attention of the rows ``pick`` (B, T) of ``layer_input`` at the
+    decoder ``layer``: its own post-rotary queries against its keys (``keys`` from the
+    cache, else computed from ``layer_input``), softmax where ``key_ok`` (B, T, L)
+    allows. Costs one query projection per row; the layer itself keeps its fast
+    attention kernel."""
+    attn = layer.self_attn
+    batch, rows = pick.shape
+    head_dim = attn.head_dim
+    cos, sin = rotary
+    normed = layer.input_layernorm(_gather_rows(layer_input, pick))
+    query = attn.q_proj(normed).view(batch, rows, -1, head_dim).transpose(1, 2)  # (B, H, T, hd)
+    query = apply_rotary(query, query, _gather_rows(cos, pick), _gather_rows(sin, pick))[0]
+    if keys is None:
+        keys = attn.k_proj(layer.input_layernorm(layer_input)).view(batch, layer_input.shape[1], -1, head_dim).transpose(1, 2)
+        keys = apply_rotary(keys, keys, cos, sin)[0]
+    kv_heads = keys.shape[1]
+    query = query.reshape(batch, kv_heads, -1, rows, head_dim)  # head h uses kv head h // groups
+    logits = torch.matmul(query, keys[:, :, None].transpose(-1, -2)).float() * attn.scaling  # (B, Hkv, groups, T, L)
+    logits = logits.flatten(1, 2).masked_fill(~key_ok[:, None], float("-inf"))
+    return logits.softmax(-1)
 
 
 class _PrunedDecoderMixin:
@@ -190,11 +264,8 @@ class _PrunedDecoderMixin:
                 "the pruned language model must be called through the LLaVA model with input_ids, "
                 "so that the image span can be found from the image token id"
             )
-        is_image = prompt_ids.to(device) == self._dyrate_image_token_id
-        slots = int(is_image.sum(1).max())
-        img_pos = torch.sort((~is_image).to(torch.int8), dim=1, stable=True).indices[:, :slots]  # ascending
-        img_present = is_image.gather(1, img_pos)
-        state = _GenerationState(img_pos * img_present, img_present, length, len(self.layers))
+        img_pos, img_present = _image_slots(prompt_ids.to(device) == self._dyrate_image_token_id)
+        state = _GenerationState(img_pos, img_present, length, len(self.layers))
         if cache is not None:
             setattr(cache, _STATE_ATTR, state)
             reorder_cache = cache.reorder_cache
@@ -225,7 +296,9 @@ class _PrunedDecoderMixin:
                 img_kept = self._dyrate_select(
                     state, layer_idx, layout, layer_input, (cos, sin), query_timeline, attention_mask, cache, q_row=None
                 )
-                if img_kept is not None:
+                if img_kept is not None and not self._dyrate_policy.progressive:
+                    layout = self._dyrate_masked(layout, img_kept, state.slot_of_position())
+                elif img_kept is not None:
                     if full_hidden is None:
                         full_hidden = hidden.new_zeros(batch, length, hidden.shape[-1])
                     self._dyrate_scatter_rows(full_hidden, hidden, layout)
@@ -271,7 +344,9 @@ class _PrunedDecoderMixin:
                     state, layer_idx, state.layouts[layer_idx], layer_input, (cos, sin), query_timeline,
                     attention_mask, cache, q_row=new_tokens - 1,
                 )
-                if img_kept is not None:
+                if img_kept is not None and not self._dyrate_policy.progressive:
+                    self._dyrate_mask_later_layers(state, layer_idx, img_kept)
+                elif img_kept is not None:
                     self._dyrate_evict(state, cache, layer_idx, img_kept, new_tokens)
             layer_input = hidden
             hidden = layer(
@@ -306,34 +381,61 @@ class _PrunedDecoderMixin:
             cache_layer.keys = cache_layer.keys.gather(2, index)
             cache_layer.values = cache_layer.values.gather(2, index)
 
+    def _dyrate_mask_later_layers(self, state, first_layer, img_kept):
+        """Attend to ``img_kept`` alone from ``first_layer`` on; every image token stays cached."""
+        slot_table = state.slot_of_position()
+        masked: dict[int, _KeyLayout] = {}
+        for layer_idx in range(first_layer, len(self.layers)):
+            old = state.layouts[layer_idx]
+            state.layouts[layer_idx] = masked.setdefault(id(old), self._dyrate_masked(old, img_kept, slot_table))
+
     # -- shared pieces -----------------------------------------------------------------
 
     def _dyrate_select(self, state, layer_idx, layout, layer_input, rotary, query_timeline, timeline_mask, cache, q_row):
         """Ask the policy before ``layer_idx``, whose keys are ``layout`` so far. Returns
-        the image slots to keep from this layer on (top by the step's attention at
-        layer_idx-1 among those still kept, unless the policy ranks them itself), or None
-        when nothing changes."""
+        the image slots to attend to from this layer on, or None when nothing changes.
+
+        The slots are the top by the step's attention at layer_idx-1 (unless the policy
+        ranks them itself) among the candidates: the slots still kept for a progressive
+        policy (a dropped token never returns), every image slot of the prompt for one
+        that re-selects at every step. A policy that observes this layer is shown the
+        attention of the step's query per head and token group first."""
+        policy = self._dyrate_policy
         kept_now = layout.img_kept.sum(1)
-        keep = self._dyrate_policy.keep_before_layer(
-            layer_idx, state.step, StepView(n_img=state.plan.n_img, kept=kept_now)
-        )
+        candidates = layout.img_kept if policy.progressive else state.img_present
+        view = StepView(n_img=state.plan.n_img, kept=kept_now)
+        probs = None
+        if policy.observes(layer_idx, state.step):
+            probs = self._dyrate_attention_row(state, layer_idx - 1, layer_input, rotary, query_timeline, timeline_mask, cache, q_row)
+            view.group_attention = self._dyrate_group_attention(state, layer_idx - 1, probs)
+        keep = policy.keep_before_layer(layer_idx, state.step, view)
+        if probs is not None:
+            state.decision = {
+                "chosen_keep": torch.full_like(kept_now, -1) if keep is None else keep.to(kept_now.device),
+                "group_attention": view.group_attention.mean(1),
+                "decision_flops": torch.full_like(kept_now, policy.decision_flops),
+            }
         if keep is None:
             return None
-        keep = torch.minimum(keep.to(kept_now.device), kept_now)
-        if torch.equal(keep, kept_now):
+        keep = torch.minimum(keep.to(kept_now.device), candidates.sum(1))
+        if policy.progressive and torch.equal(keep, kept_now):
             return None
         if bool((keep == 0).all()):
             return torch.zeros_like(layout.img_kept)
-        if self._dyrate_policy.ranks_by_attention:
-            scores = self._dyrate_image_scores(
-                state, layer_idx - 1, layer_input, rotary, query_timeline, timeline_mask, cache, q_row
-            )
+        if policy.ranks_by_attention:
+            if probs is None:
+                probs = self._dyrate_attention_row(state, layer_idx - 1, layer_input, rotary, query_timeline, timeline_mask, cache, q_row)
+            scores = self._dyrate_image_scores(state, layer_idx - 1, probs)
         else:
-            scores = self._dyrate_policy.selection_scores(layout.img_kept)
-        scores = scores.masked_fill(~layout.img_kept, float("-inf"))
-        order = scores.argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-        return (rank < keep[:, None]) & layout.img_kept
+            scores = policy.selection_scores(candidates)
+        return top_slots(scores, candidates, keep)
+
+    @staticmethod
+    def _dyrate_masked(layout, img_kept, slot_table):
+        """The layout with the image entries not in ``img_kept`` hidden (still cached)."""
+        entry_slot = slot_table.gather(1, layout.index)
+        is_kept_image = img_kept.gather(1, entry_slot.clamp(min=0))
+        return _KeyLayout(layout.index, layout.valid, img_kept, (entry_slot >= 0) & ~is_kept_image)
 
     @staticmethod
     def _dyrate_filter(layout, img_kept, slot_table):
@@ -344,41 +446,36 @@ class _PrunedDecoderMixin:
         local, valid = _compact(keep)
         return _KeyLayout(layout.index.gather(1, local), valid, img_kept), local
 
-    def _dyrate_image_scores(self, state, obs_layer, layer_input, rotary, query_timeline, timeline_mask, cache, q_row):
-        """(B, N) attention of the step's query to each image slot at ``obs_layer``,
-        averaged over heads, softmax over all keys that layer holds."""
-        layout_prev = state.layouts[obs_layer]
-        layer = self.layers[obs_layer]
-        attn = layer.self_attn
+    def _dyrate_attention_row(self, state, obs_layer, layer_input, rotary, query_timeline, timeline_mask, cache, q_row):
+        """(B, heads, L) attention of the step's query at ``obs_layer``: softmax over the
+        keys that layer attends to, in the order of its layout's entries (0 elsewhere)."""
+        layout = state.layouts[obs_layer]
         batch = layer_input.shape[0]
-        head_dim = attn.head_dim
-        cos, sin = rotary
         if q_row is None:  # prefill: the last real prompt token, at its place in this layer's rows
-            q_row_local = (layout_prev.index == query_timeline[:, None]).to(torch.int8).argmax(1)
+            pick = (layout.index == query_timeline[:, None]).to(torch.int8).argmax(1)[:, None]
         else:
-            q_row_local = torch.full((batch,), q_row, device=layer_input.device)
-        pick = q_row_local[:, None]
-        normed = layer.input_layernorm(_gather_rows(layer_input, pick))
-        query = attn.q_proj(normed).view(batch, 1, -1, head_dim).transpose(1, 2)  # (B, H, 1, hd)
-        q_cos, q_sin = _gather_rows(cos, pick), _gather_rows(sin, pick)
-        query = self._dyrate_rotary(query, query, q_cos, q_sin)[0]
-        if cache is not None:
-            keys = cache.layers[obs_layer].keys
-        else:
-            keys = attn.k_proj(layer.input_layernorm(layer_input)).view(batch, layer_input.shape[1], -1, head_dim).transpose(1, 2)
-            keys = self._dyrate_rotary(keys, keys, cos, sin)[0]
-        kv_heads = keys.shape[1]
-        query = query.reshape(batch, kv_heads, -1, head_dim)  # head h uses kv head h // groups
-        logits = torch.matmul(query, keys.transpose(-1, -2)).float() * attn.scaling  # (B, Hkv, groups, L)
-        key_ok = layout_prev.valid & (layout_prev.index <= query_timeline[:, None])
+            pick = torch.full((batch, 1), q_row, device=layer_input.device)
+        key_ok = layout.attended() & (layout.index <= query_timeline[:, None])
         if timeline_mask is not None:
-            key_ok &= timeline_mask.gather(1, layout_prev.index)
-        logits = logits.masked_fill(~key_ok[:, None, None, :], float("-inf"))
+            key_ok &= timeline_mask.gather(1, layout.index)
         state.scored_keys[:, obs_layer] = key_ok.sum(1)  # the batch-1 cost of this row, for FLOPs
-        per_key = logits.softmax(-1).mean(dim=(1, 2))  # (B, L)
-        by_position = torch.zeros(batch, state.length, device=per_key.device)
-        by_position.scatter_(1, layout_prev.index, per_key * layout_prev.valid)
+        keys = cache.layers[obs_layer].keys if cache is not None else None
+        return _attention_rows(self.layers[obs_layer], self._dyrate_rotary, layer_input, rotary, pick, key_ok[:, None, :], keys)[:, :, 0]
+
+    @staticmethod
+    def _dyrate_image_scores(state, obs_layer, probs):
+        """(B, N) head-averaged attention of the step's query to each image slot."""
+        layout = state.layouts[obs_layer]
+        by_position = probs.new_zeros(probs.shape[0], state.length)
+        by_position.scatter_(1, layout.index, probs.mean(1) * layout.valid)
         return by_position.gather(1, state.img_pos)
+
+    @staticmethod
+    def _dyrate_group_attention(state, obs_layer, probs):
+        """(B, heads, len(GROUPS)) the step's attention per head summed over each token group."""
+        groups = state.group_of_position().gather(1, state.layouts[obs_layer].index)
+        index = groups[:, None, :].expand_as(probs)
+        return probs.new_zeros(*probs.shape[:2], len(GROUPS)).scatter_add_(2, index, probs)
 
     @staticmethod
     def _dyrate_scatter_rows(full, hidden, layout):
@@ -401,9 +498,11 @@ class _PrunedDecoderMixin:
             counts[id(layout)] = (layout.img_kept.sum(1), keys, queries)
         per_layer = [counts[id(layout)] for layout in state.layouts]
         state.plan.add_step(
-            *(torch.stack([c[i] for c in per_layer], dim=1) for i in range(3)), state.scored_keys, state.layouts[-1].img_kept
+            *(torch.stack([c[i] for c in per_layer], dim=1) for i in range(3)), state.scored_keys, state.layouts[-1].img_kept,
+            **state.decision,
         )
         state.scored_keys = torch.zeros_like(state.scored_keys)
+        state.decision = {}
 
 
 # -- installing on a model ---------------------------------------------------------------
@@ -427,8 +526,10 @@ def _language_model(model):
     return inner, language_model
 
 
-def num_decoder_layers(model) -> int:
-    return len(_language_model(model)[1].layers)
+def model_arch(model) -> Arch:
+    """The shape of a LLaVA model with a Llama-style language model (else a clear error)."""
+    _language_model(model)
+    return Arch.from_config(model.config, name=getattr(model.config, "_name_or_path", "") or type(model).__name__)
 
 
 def image_token_id(config) -> int:
@@ -455,6 +556,16 @@ def _check_image_tokens(input_ids, token_id: int) -> None:
         )
 
 
+def _own_class(language_model) -> type:
+    """The language model's class without the executor put in front of it."""
+    return type(language_model).__mro__[2] if isinstance(language_model, _PrunedDecoderMixin) else type(language_model)
+
+
+def _rotary_of(language_model) -> Callable:
+    """The rotary function of the language model's own modelling module."""
+    return inspect.getmodule(_own_class(language_model)).apply_rotary_pos_emb
+
+
 def install(model, policy: PruningPolicy):
     """Put the executor into ``model`` (in place) with ``policy``; re-installing swaps the policy."""
     inner, language_model = _language_model(model)
@@ -462,8 +573,7 @@ def install(model, policy: PruningPolicy):
         base = type(language_model)
         pruned_class = type(f"Pruned{base.__name__}", (_PrunedDecoderMixin, base), {})
         language_model.__class__ = pruned_class
-        rotary = inspect.getmodule(base).apply_rotary_pos_emb
-        language_model._dyrate_rotary = rotary
+        language_model._dyrate_rotary = _rotary_of(language_model)
         language_model._dyrate_prompt_ids = None
         language_model.last_plan = None
         token_id = image_token_id(model.config)
@@ -497,7 +607,7 @@ def uninstall(model):
     if isinstance(language_model, _PrunedDecoderMixin):
         language_model._dyrate_hook.remove()
         del model.generate  # the instance wrapper; the class method shows again
-        language_model.__class__ = type(language_model).__mro__[2]
+        language_model.__class__ = _own_class(language_model)
         for name in ("_dyrate_policy", "_dyrate_rotary", "_dyrate_prompt_ids", "_dyrate_image_token_id", "_dyrate_hook", "last_plan"):
             delattr(language_model, name)
     return model
@@ -511,3 +621,122 @@ def installed_policy(model) -> PruningPolicy | None:
 def last_plan(model) -> ExecutedPlan | None:
     _, language_model = _language_model(model)
     return getattr(language_model, "last_plan", None)
+
+
+# -- DyRate training: the frozen model teacher-forced, with differentiable key weights ----------
+
+_WEIGHTED_ATTENTION = "dyrate_key_weighted"
+
+
+def _key_weighted_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            dyrate_key_weights=None, **kwargs):
+    """Attention whose exponentiated scores are multiplied by per-query key weights
+    before normalisation: weights of 0 and 1 give exactly the attention with those keys
+    removed, and a gradient reaches the weights (DyRate's differentiable policy)."""
+    if dyrate_key_weights is None:
+        raise RuntimeError("the key-weighted attention is only for TeacherForcedPass.logits")
+    groups = query.shape[1] // key.shape[1]  # head h uses kv head h // groups
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    logits = logits.masked_fill(~attention_mask, float("-inf"))
+    weighted = (logits - logits.amax(-1, keepdim=True).detach()).exp() * dyrate_key_weights
+    probs = weighted / weighted.sum(-1, keepdim=True).clamp_min(torch.finfo(weighted.dtype).tiny)
+    return torch.matmul(probs.to(value.dtype), value).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(_WEIGHTED_ATTENTION, _key_weighted_attention)
+
+
+@contextlib.contextmanager
+def _key_weighted(language_model):
+    previous = language_model.config._attn_implementation
+    language_model.set_attn_implementation(_WEIGHTED_ATTENTION)
+    try:
+        yield
+    finally:
+        language_model.set_attn_implementation(previous)
+
+
+class TeacherForcedPass:
+    """A frozen LLaVA model teacher-forced on prompt + answer, as DyRate's training sees it.
+
+    Rows are right-padded sequences: ``prompt_lengths[b]`` prompt tokens (with the image
+    tokens), then ``answer_lengths[b]`` answer tokens. Step t of row b is the query at
+    position prompt_lengths[b] - 1 + t (t = 0 is the last prompt token, the prefill's
+    query), which predicts answer token t. Layers < K run once, without gradients, and
+    give at every step what the predictor observes at layer K-1 (the same computation
+    as in generation). ``logits(keep_weights)`` runs layers >= K where every query of
+    step t (the prompt's queries belong to step 0) weighs image slot i by
+    ``keep_weights[b, t, i]``; with 0/1 weights that is the generation whose kept sets
+    they are.
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, pixel_values: torch.Tensor, prompt_lengths: torch.Tensor,
+                 answer_lengths: torch.Tensor, K: int):
+        inner, language_model = _language_model(model)
+        if not 1 <= K < len(language_model.layers):
+            raise PruningConfigError(f"K={K} is not allowed: K must be an integer in 1..{len(language_model.layers) - 1}")
+        token_id = image_token_id(model.config)
+        _check_image_tokens(input_ids, token_id)
+        self._model, self._language_model, self.K = model, language_model, K
+        batch, length = input_ids.shape
+        device = input_ids.device
+        self.is_image = input_ids == token_id
+        steps = torch.arange(int(answer_lengths.max()), device=device)
+        self.step_valid = steps[None] < answer_lengths[:, None]  # (B, T)
+        self.step_rows = (prompt_lengths[:, None] - 1 + steps[None]).clamp(max=length - 1)  # (B, T)
+        positions = torch.arange(length, device=device)
+        # the prompt's queries belong to step 0, answer token t's to step t
+        self._step_of_position = (positions[None] - (prompt_lengths[:, None] - 1)).clamp(0, len(steps) - 1)
+        self.img_pos, self.img_present = _image_slots(self.is_image)
+        self.n_img = self.img_present.sum(1)
+        with torch.no_grad():
+            embeds = inner.get_input_embeddings()(input_ids)
+            features = inner.get_image_features(
+                pixel_values=pixel_values.to(embeds.dtype),
+                vision_feature_layer=model.config.vision_feature_layer,
+                vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+                return_dict=True,
+            ).pooler_output
+            features = torch.cat(list(features)).to(embeds.dtype)
+            if features.shape[0] != int(self.is_image.sum()):
+                raise PruningConfigError(
+                    f"the prompts hold {int(self.is_image.sum())} image tokens but the images give {features.shape[0]} features"
+                )
+            hidden = embeds.masked_scatter(self.is_image[..., None].expand_as(embeds), features)
+            self._position_ids = positions[None].expand(batch, -1)
+            self._rotary = language_model.rotary_emb(hidden, self._position_ids)
+            self._causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+            mask = create_causal_mask(config=language_model.config, inputs_embeds=hidden, attention_mask=None,
+                                      past_key_values=None, position_ids=None)
+            for layer in language_model.layers[:K]:
+                layer_input = hidden
+                hidden = layer(hidden, attention_mask=mask, position_embeddings=self._rotary, position_ids=self._position_ids)
+            self._hidden_at_K = hidden
+            key_ok = positions[None, None, :] <= self.step_rows[..., None]  # (B, T, L): causal
+            probs = _attention_rows(language_model.layers[K - 1], _rotary_of(language_model), layer_input, self._rotary,
+                                    self.step_rows, key_ok)  # (B, H, T, L)
+            groups = _token_groups(self.is_image, prompt_lengths)
+            index = groups[:, None, None, :].expand_as(probs)
+            by_group = probs.new_zeros(*probs.shape[:3], len(GROUPS)).scatter_add_(3, index, probs)
+            self.group_attention = by_group.transpose(1, 2)  # (B, T, H, groups): what the predictor observes
+            per_key = probs.mean(1)  # (B, T, L)
+            self.image_scores = per_key.gather(2, self.img_pos[:, None, :].expand(-1, len(steps), -1))  # (B, T, N)
+
+    def logits(self, keep_weights: torch.Tensor) -> torch.Tensor:
+        """(B, T, vocab) logits of every step with image slot weights ``keep_weights``
+        (B, T, N) on layers >= K; gradients flow to the weights."""
+        batch, length = self.is_image.shape
+        slots = keep_weights.shape[2]
+        per_query = keep_weights.gather(1, self._step_of_position[..., None].expand(-1, -1, slots))  # (B, L, N)
+        slot_of_key = torch.full((batch, length), 0, dtype=torch.long, device=keep_weights.device)
+        slot_of_key.scatter_(1, self.img_pos, torch.arange(slots, device=keep_weights.device).expand(batch, -1))
+        per_key = per_query.gather(2, slot_of_key[:, None, :].expand(-1, length, -1))  # (B, L, L)
+        key_weights = torch.where(self.is_image[:, None, :], per_key, torch.ones_like(per_key))[:, None]
+        hidden = self._hidden_at_K
+        with _key_weighted(self._language_model):
+            for layer in self._language_model.layers[self.K:]:
+                hidden = layer(hidden, attention_mask=self._causal, position_embeddings=self._rotary,
+                               position_ids=self._position_ids, dyrate_key_weights=key_weights)
+        rows = _gather_rows(hidden, self.step_rows)
+        return self._model.lm_head(self._language_model.norm(rows))

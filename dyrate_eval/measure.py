@@ -14,7 +14,8 @@ from functools import lru_cache
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .flops import Arch, plan_flops, simulate_plan
+from .arch import Arch
+from .flops import plan_flops, simulate_plan
 from .methods import make_policy
 from .plan import ExecutedPlan
 
@@ -88,7 +89,7 @@ def peak_kv_bytes(plan: ExecutedPlan, arch: Arch, element_size: int, row: int = 
 def original_flops(arch: Arch, text_tokens: int, new_tokens: int) -> tuple[int, int]:
     """What the unpruned model spends on the same prompt and number of new tokens:
     (total, language model)."""
-    parts = plan_flops(simulate_plan(make_policy("original", arch.layers), arch, text_tokens, new_tokens), arch)
+    parts = plan_flops(simulate_plan(make_policy("original", arch), arch, text_tokens, new_tokens), arch)
     return parts["total"], parts["language_model"]
 
 
@@ -106,6 +107,12 @@ def sample_measurements(plan: ExecutedPlan, arch: Arch, lengths: list[int], num_
         language_model = sum(p["language_model"] for p in parts)
         reference, reference_language_model = (num_beams * f for f in original_flops(arch, text_tokens, length))
         kept = torch.tensor(first["kept_image"], dtype=torch.float32)  # (steps, layers)
+        decided = [keep >= 0 for keep in first["chosen_keep"]]
+        decisions = {} if not any(decided) else {
+            # DyRate's choices: the rate per step and what its observation layer saw
+            "rate_by_step": [round(1 - keep / first["n_img"], 4) if ok else None for keep, ok in zip(first["chosen_keep"], decided)],
+            "group_attention_by_step": [[round(v, 4) for v in shares] if shares else None for shares in first["group_attention"]],
+        }
         records.append({
             "tflops": total / 1e12,
             "tflops_language_model": language_model / 1e12,
@@ -123,6 +130,9 @@ def sample_measurements(plan: ExecutedPlan, arch: Arch, lengths: list[int], num_
             # mean over decoder layers, per step (step 0 is the prefill)
             "kept_image_by_step": [round(v, 2) for v in kept.mean(1).tolist()],
             "kept_image_mean": float(kept.mean()),
+            # what the deepest layers see, per step: the kept count of FastV / DyRate
+            "kept_image_last_layer_by_step": [int(v) for v in kept[:, -1].tolist()],
+            **decisions,
             "kv_bytes_peak": sum(peak_kv_bytes(plan, arch, element_size, row, length) for row in rows),
             "ttft_ms": timing.ttft_ms,
             "decode_ms_per_token": timing.decode_ms_per_token,

@@ -11,11 +11,19 @@ from dataclasses import dataclass, field
 import torch
 
 
+GROUPS = ("system", "image", "instruction", "response")
+
+
 @dataclass
 class ExecutedPlan:
     """Per batch row: image tokens, and per step and decoder layer the kept image
     tokens, the keys attended over, the query rows computed, and the keys of the
     scoring row computed at that layer to rank image tokens (0 where none was).
+
+    Policies that decide from the attention (DyRate) also leave, per step, the keep
+    count they chose, the share of the step's attention on each token group
+    (``GROUPS``, head-averaged at the observation layer) and the FLOPs of the decision
+    itself; steps without such a decision hold -1, NaN and 0.
 
     Step 0 is the prefill; step t >= 1 is the t-th decode forward. Counts exclude
     padding and filler entries, so a row's numbers are those of a batch-1 run. With
@@ -28,23 +36,33 @@ class ExecutedPlan:
     keys: list[torch.Tensor] = field(default_factory=list)  # per step, (B, layers)
     queries: list[torch.Tensor] = field(default_factory=list)  # per step, (B, layers)
     scored_keys: list[torch.Tensor] = field(default_factory=list)  # per step, (B, layers)
+    chosen_keep: list[torch.Tensor] = field(default_factory=list)  # per step, (B,)
+    group_attention: list[torch.Tensor] = field(default_factory=list)  # per step, (B, len(GROUPS))
+    decision_flops: list[torch.Tensor] = field(default_factory=list)  # per step, (B,)
     # per step, (B, image slots): which image tokens the last layer still sees (for the
     # kept-token figure); recorded by the executor, absent from simulated plans
     last_layer_slots: list[torch.Tensor] = field(default_factory=list)
 
     def add_step(self, kept_image: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor, scored_keys: torch.Tensor,
-                 last_layer_slots: torch.Tensor | None = None) -> None:
+                 last_layer_slots: torch.Tensor | None = None, chosen_keep: torch.Tensor | None = None,
+                 group_attention: torch.Tensor | None = None, decision_flops: torch.Tensor | None = None) -> None:
+        batch = kept_image.shape[0]
         self.kept_image.append(kept_image)
         self.keys.append(keys)
         self.queries.append(queries)
         self.scored_keys.append(scored_keys)
+        self.chosen_keep.append(chosen_keep if chosen_keep is not None else torch.full((batch,), -1))
+        self.group_attention.append(group_attention if group_attention is not None else torch.full((batch, len(GROUPS)), float("nan")))
+        self.decision_flops.append(decision_flops if decision_flops is not None else torch.zeros(batch, dtype=torch.long))
         if last_layer_slots is not None:
             self.last_layer_slots.append(last_layer_slots)
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Follow a beam-search reordering of the batch rows."""
         self.n_img = self.n_img.index_select(0, rows.to(self.n_img.device))
-        for history in (self.kept_image, self.keys, self.queries, self.scored_keys, self.last_layer_slots):
+        histories = (self.kept_image, self.keys, self.queries, self.scored_keys, self.chosen_keep, self.group_attention,
+                     self.decision_flops, self.last_layer_slots)
+        for history in histories:
             history[:] = [step.index_select(0, rows.to(step.device)) for step in history]
 
     @property
@@ -74,4 +92,11 @@ class ExecutedPlan:
             "keys": [self.keys[t][row].tolist() for t in range(steps)],
             "queries": [self.queries[t][row].tolist() for t in range(steps)],
             "scored_keys": [self.scored_keys[t][row].tolist() for t in range(steps)],
+            "chosen_keep": [int(self.chosen_keep[t][row]) for t in range(steps)],
+            "group_attention": [self._shares(t, row) for t in range(steps)],
+            "decision_flops": [int(self.decision_flops[t][row]) for t in range(steps)],
         }
+
+    def _shares(self, step: int, row: int) -> list[float] | None:
+        shares = self.group_attention[step][row]
+        return None if bool(shares.isnan().any()) else shares.tolist()

@@ -20,7 +20,7 @@ def apply_pruning(model, *, method: str, **settings: Any):
     ``apply_pruning(model, method="fastv", K=2, R=0.5)``. Calling it again replaces
     the method.
     """
-    policy = make_policy(method, hf_llava.num_decoder_layers(model), **settings)
+    policy = make_policy(method, hf_llava.model_arch(model), **settings)
     return hf_llava.install(model, policy)
 
 

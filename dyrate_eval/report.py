@@ -25,9 +25,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .errors import PruningConfigError  # noqa: E402
-from .methods import METHODS  # noqa: E402
+from .methods import METHODS, SCHEDULE_SEARCHES  # noqa: E402
 from .results import find_result_files, read_results_file, samples_file  # noqa: E402
-from .trace import GROUPS, TRACE_FILE  # noqa: E402
+from .plan import GROUPS  # noqa: E402
+from .trace import TRACE_FILE  # noqa: E402
 
 REPORTED_FILE = Path(__file__).with_name("reported") / "dyrate_paper.csv"
 REPORTED_SOURCE = "reported (DyRate paper)"
@@ -59,6 +60,8 @@ AUTO_RATE_METHODS = {"dyrate"}
 # the paper's ablation: one rate for every step, a rate growing with depth, DyRate
 ABLATION_METHODS = ("fixed_prune", "depth_prune", "dyrate")
 KEY = ["source", "model", "method", "settings"]
+# rows and figure colours in this order; searched schedules are shown as their search
+METHOD_ORDER = [*METHODS, *SCHEDULE_SEARCHES]
 # what the report reads from each sample's measurements (see measure.sample_measurements)
 MEASURED_FIELDS = {"tflops_language_model", "flops_ratio_language_model", "end_to_end_ms", "batch_size"}
 
@@ -102,13 +105,25 @@ def load_runs(paths: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     and model label; and a row per measured sample, keyed the same way."""
     score_rows, measured_rows = [], []
     for path in find_result_files(paths):
-        for row in read_results_file(path):
-            task = row["task"]
+        rows = read_results_file(path)
+        records = {row["task"]: read_sample_measurements(samples_file(path, row["task"])) for row in rows}
+        searched = searched_schedule([record for task_records in records.values() for record in task_records])
+        for row in rows:
             row["model"] = model_label(row["pretrained"])
+            row.update(searched)
             score_rows.append(row)
-            for record in read_sample_measurements(samples_file(path, task)):
+            for record in records[row["task"]]:
                 measured_rows.append({key: row[key] for key in ("file", "model", "method", "settings", "decoding", "task")} | record)
     return pd.DataFrame(score_rows), pd.DataFrame(measured_rows)
+
+
+def searched_schedule(records: list[dict]) -> dict:
+    """For a run of a schedule file that a search wrote, the method and settings it is
+    shown with: the search (gsearch, psigmoid) and its label, from the policy the run's
+    samples record; empty for any other run."""
+    policies = [record.get("policy") or {} for record in records]
+    searched = next((policy for policy in policies if policy.get("searched_by")), None)
+    return {"method": searched["searched_by"], "settings": searched.get("label") or ""} if searched else {}
 
 
 @cache
@@ -184,7 +199,7 @@ def _order(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     for column in columns:
         if column not in table:
             table[column] = np.nan
-    order = {name: index for index, name in enumerate(METHODS)}
+    order = {name: index for index, name in enumerate(METHOD_ORDER)}
     table = table.assign(
         _source=table["source"] != REPORTED_SOURCE,
         _model=table["model"].map(lambda m: (int(m[:-1]), "") if re.fullmatch(r"\d+B", m) else (10**6, m)),
@@ -279,7 +294,7 @@ def pareto_figure(tables: dict[str, pd.DataFrame], path: Path) -> None:
         axes[0, 0].text(0.5, 0.5, "no runs with both a score and a FLOPs share", ha="center", va="center")
     for axis, (column, points) in zip(axes.flat, panels):
         for (source, model, method), group in points.groupby(["source", "model", "method"], sort=False):
-            colour = plt.cm.tab10(list(METHODS).index(method) % 10 if method in METHODS else 9)
+            colour = plt.cm.tab10(METHOD_ORDER.index(method) % 10 if method in METHOD_ORDER else 9)
             reported = source == REPORTED_SOURCE
             axis.scatter(group["TFLOPs %"], group[column], label=f"{method} ({model}{', reported' if reported else ''})",
                          marker="s" if reported else "o", facecolors="none" if reported else colour, edgecolors=colour)
@@ -356,12 +371,51 @@ def kept_tokens_figure(traces: list[tuple[Path, dict]], path: Path, steps_shown:
             mask = np.kron(kept.reshape(grid, grid), np.ones((int(np.ceil(cell_h)), int(np.ceil(cell_w)))))[: image.shape[0], : image.shape[1]]
             axis.imshow(image * (0.25 + 0.75 * mask[..., None]))
             policy = ", ".join(f"{k}={v}" for k, v in trace["policy"].items())
-            axis.set_title(f"step {step}: {int(kept.sum())}/{grid * grid} kept", fontsize=8)
+            rates = example.get("rate_by_step") or []
+            chosen = f", rate {rates[step]:g}" if step < len(rates) and rates[step] is not None else ""
+            axis.set_title(f"step {step}: {int(kept.sum())}/{grid * grid} kept{chosen}", fontsize=8)
             if column == 0:
                 axis.text(0, -0.25, f"{example.get('name', '')} | {policy}", transform=axis.transAxes, fontsize=6)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def rates_figure(measured: pd.DataFrame, path: Path) -> bool:
+    """DyRate's choices across generation steps, from the samples logs of greedy runs:
+    per run and task, the mean chosen rate, the image tokens the deepest layers keep and
+    the observation layer's share of attention on the image, each step averaged over the
+    samples that reached it. Returns False when no run made per-step choices."""
+    if measured.empty or "rate_by_step" not in measured:
+        return False
+    rows = measured[measured["rate_by_step"].notna() & (measured["decoding"] == "greedy")]
+    if rows.empty:
+        return False
+    panels = (
+        ("rate_by_step", lambda value: value, "chosen rate"),
+        ("kept_image_last_layer_by_step", lambda value: value, "image tokens kept (deepest layer)"),
+        ("group_attention_by_step", lambda value: value[GROUPS.index("image")], "attention on the image (layer K-1)"),
+    )
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for (model, method, settings, task), group in rows.groupby(["model", "method", "settings", "task"], sort=False):
+        label = f"{task} ({model}{', ' + settings if settings else ''})"
+        for axis, (key, pick, _) in zip(axes, panels):
+            per_step: dict[int, list[float]] = {}
+            for values in group[key]:
+                for step, value in enumerate(values):
+                    if value is not None:
+                        per_step.setdefault(step, []).append(pick(value))
+            steps = sorted(per_step)
+            axis.plot(steps, [np.mean(per_step[step]) for step in steps], marker=".", label=label)
+    for axis, (_, _, title) in zip(axes, panels):
+        axis.set_xlabel("generation step (0 = prefill)")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
 
 
 def write_bench_summary(bench_file: Path, out_dir: Path) -> None:
@@ -407,6 +461,8 @@ def write_report(paths: list[str | Path], out_dir: str | Path) -> dict[str, pd.D
     pareto_figure(tables, out_dir / "pareto.png")
     for bench_file in [f for path in map(Path, paths) if path.is_dir() for f in sorted(path.glob("**/bench.csv"))]:
         write_bench_summary(bench_file, out_dir)
+    if not rates_figure(measured, out_dir / "fig3_dyrate_rates.png"):
+        print("no run with per-step rates (method dyrate) among the runs: no fig3_dyrate_rates.png")
     traces = read_traces(paths)
     if traces:
         attention_figure(traces, out_dir / "fig2_attention_by_step.png")

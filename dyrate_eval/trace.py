@@ -18,11 +18,11 @@ from PIL import Image
 from .errors import PruningConfigError
 from .hf_llava import install, last_plan, uninstall
 from .methods import PruningPolicy
+from .plan import GROUPS
 from .pruning import resolve_dtype
 from .prompts import llava_prompt
 
 TRACE_FILE = "trace.json"
-GROUPS = ("system", "image", "instruction", "response")
 
 
 def attention_shares(attentions, input_ids: torch.Tensor, image_token_id: int) -> list[dict[str, float]]:
@@ -55,12 +55,15 @@ def trace_examples(model, processor, policy: PruningPolicy, images: list[Image.I
         with torch.inference_mode():
             pruned = model.generate(**inputs, **settings)
         plan = last_plan(model)
+        row = plan.for_row(0)
         prompt_length = inputs["input_ids"].shape[1]
         examples.append({
             "attention_by_step": attention_shares(unpruned.attentions, inputs["input_ids"], model.config.image_token_id),
             "unpruned_response": processor.tokenizer.decode(unpruned.sequences[0, prompt_length:], skip_special_tokens=True).strip(),
             "response": processor.tokenizer.decode(pruned[0, prompt_length:], skip_special_tokens=True).strip(),
             "kept_slots_by_step": [step.nonzero().flatten().tolist() for step in plan.kept_slots(0)],
+            # the rate a per-step policy (DyRate) chose, where it chose one
+            "rate_by_step": [None if keep < 0 else round(1 - keep / row["n_img"], 4) for keep in row["chosen_keep"]],
         })
     return examples
 

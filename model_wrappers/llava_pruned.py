@@ -1,7 +1,7 @@
 """LLaVA-1.5 with a visual-token reduction method, as an lmms-eval model.
 
 ``--model dyrate_llava --model_args pretrained=...,method=fastv,K=2,R=0.5`` runs any
-method of the shared core; ``original_llava``, ``fastv_llava`` and ``vtw_llava`` are
+method of the shared core (DyRate when no method is given); ``original_llava``, ``fastv_llava`` and ``vtw_llava`` are
 the same model with their method fixed. Prompts use LLaVA-1.5's conversation format.
 Data parallel: ``accelerate launch --num_processes N -m lmms_eval ...`` gives each
 rank its share of the documents (lmms-eval shards them by rank); on a machine without
@@ -23,7 +23,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
 from dyrate_eval import EMBEDDED_MODEL_DIR, PruningConfigError, executed_plan
-from dyrate_eval.flops import Arch
+from dyrate_eval.arch import Arch
 from dyrate_eval.hf_llava import install
 from dyrate_eval.measure import generated_lengths, sample_measurements, timed_generate
 from dyrate_eval.methods import DEFAULT_METHOD, LMMS_MODELS, make_policy
@@ -73,8 +73,9 @@ class PrunedLlava(lmms):
                 f"`dyrate-eval train-embedded --out {EMBEDDED_MODEL_DIR}` or give pretrained="
             )
         config = AutoConfig.from_pretrained(pretrained)
-        # Validate the method against the model's depth before loading any weights.
-        policy = make_policy(method, config.text_config.num_hidden_layers, **method_settings)
+        # Validate the method against the model's shape before loading any weights.
+        self.arch = Arch.from_config(config, name=str(pretrained))
+        policy = make_policy(method, self.arch, **method_settings)
         try:
             self.batch_size_per_gpu = int(batch_size)
         except ValueError:
@@ -100,7 +101,6 @@ class PrunedLlava(lmms):
         install(self._model, policy)
         self.method = method
         self.policy_settings = policy.describe()
-        self.arch = Arch.from_config(self._model.config, name=str(pretrained))
         self.processor = AutoProcessor.from_pretrained(pretrained)
         self.processor.tokenizer.padding_side = "left"  # batched generation
         self.tokenizer = self.processor.tokenizer
@@ -244,7 +244,8 @@ class PrunedLlava(lmms):
 
 
 class DyRateLlava(PrunedLlava):
-    """Any method of the core, chosen with ``method=`` (default: original)."""
+    """Any method of the core, chosen with ``method=`` (default: dyrate, with the
+    predictor shipped for the embedded model, or ``predictor=DIR``)."""
 
 
 class OriginalLlava(PrunedLlava):

@@ -69,13 +69,19 @@ def greedy(model, inputs, new_tokens=6, **kwargs):
 class ProgressiveEviction:
     """Reference for per-step eviction: at every forward, layer K-1's eager attention
     weights of the step's query (last row, head-averaged) rank the image tokens still
-    kept; the top ``keep_per_step[t]`` stay, the rest are masked out of layers >= K in
-    this and every later step."""
+    kept (or, with ``progressive=False``, all of them); the top ``keep`` stay and the
+    rest are masked out of layers >= K (for good when progressive, for this step only
+    otherwise). ``keep_per_step`` is a list of counts per step, or a function
+    (row, step, weights (heads, keys)) -> count deciding from the step's attention."""
 
-    def __init__(self, model, K, image_positions_per_row, keep_per_step):
+    def __init__(self, model, K, image_positions_per_row, keep_per_step, progressive=True):
         self.kept = [positions.clone() for positions in image_positions_per_row]
         self.all_images = image_positions_per_row
-        self.keep_per_step = keep_per_step
+        self.decide = keep_per_step if callable(keep_per_step) else (
+            lambda row, step, weights: keep_per_step[min(step, len(keep_per_step) - 1)]
+        )
+        self.progressive = progressive
+        self.chosen = [[] for _ in image_positions_per_row]  # the keep decided per row and step
         self.step = 0
         layers = model.model.language_model.layers
         self.handles = [layers[K - 1].self_attn.register_forward_hook(self._select)]
@@ -83,11 +89,13 @@ class ProgressiveEviction:
 
     def _select(self, module, args, output):
         weights = output[1]  # (B, H, q, kv): eager attention returns its weights
-        keep = self.keep_per_step[min(self.step, len(self.keep_per_step) - 1)]
         for row in range(weights.shape[0]):
-            if keep < len(self.kept[row]):
-                scores = weights[row, :, -1, :].mean(0)[self.kept[row]]
-                self.kept[row] = self.kept[row][scores.topk(keep).indices].sort().values
+            keep = self.decide(row, self.step, weights[row, :, -1, :])
+            self.chosen[row].append(keep)
+            pool = self.kept[row] if self.progressive else self.all_images[row]
+            if keep < len(pool) or not self.progressive:
+                scores = weights[row, :, -1, :].mean(0)[pool]
+                self.kept[row] = pool[scores.topk(min(keep, len(pool))).indices].sort().values
             self.masking.dropped[row] = self.all_images[row][~torch.isin(self.all_images[row], self.kept[row])]
         self.step += 1
 
@@ -95,3 +103,14 @@ class ProgressiveEviction:
         for handle in self.handles:
             handle.remove()
         self.masking.remove()
+
+
+def group_shares(weights, image_positions, prompt_length):
+    """(heads, 4) a query's attention per head on the system, image, instruction and
+    response tokens, from its eager weights (heads, keys)."""
+    positions = torch.arange(weights.shape[-1])
+    is_image = torch.isin(positions, image_positions)
+    system = positions < image_positions.min()
+    response = positions >= prompt_length
+    instruction = ~is_image & ~system & ~response
+    return torch.stack([weights[:, group].sum(-1) for group in (system, is_image, instruction, response)], dim=-1)

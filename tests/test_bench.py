@@ -4,22 +4,23 @@ import pytest
 import torch
 
 from dyrate_eval import PruningConfigError, apply_pruning, executed_plan
+from dyrate_eval.arch import Arch, load_arch
 from dyrate_eval.bench import parse_methods, run_bench, summarize_bench
 from dyrate_eval.measure import peak_kv_bytes
-from dyrate_eval.flops import Arch
 
 from .conftest import load_model
 
 
-def test_methods_are_parsed_and_validated():
-    labels = [label for label, _ in parse_methods("original, fastv:K=2:R=0.5,vtw:K=3", 4)]
+def test_methods_are_parsed_and_validated(tiny_dir):
+    arch = load_arch(tiny_dir)  # 4 decoder layers
+    labels = [label for label, _ in parse_methods("original, fastv:K=2:R=0.5,vtw:K=3", arch)]
     assert labels == ["original", "fastv:K=2:R=0.5", "vtw:K=3"]
     with pytest.raises(PruningConfigError, match="K='9' is not allowed for method 'fastv'"):
-        parse_methods("fastv:K=9", 4)
+        parse_methods("fastv:K=9", arch)
     with pytest.raises(PruningConfigError, match="method setting 'K2' in 'fastv:K2' must look like NAME=VALUE"):
-        parse_methods("fastv:K2", 4)
+        parse_methods("fastv:K2", arch)
     with pytest.raises(PruningConfigError, match="unknown method 'fast'"):
-        parse_methods("original,fast", 4)
+        parse_methods("original,fast", arch)
 
 
 def test_peak_kv_bytes_are_the_cache_tensors(tiny_dir, make_inputs):
@@ -35,7 +36,7 @@ def test_peak_kv_bytes_are_the_cache_tensors(tiny_dir, make_inputs):
 def test_bench_runs_methods_on_the_same_samples(tiny_dir):
     model = load_model(tiny_dir)
     arch = Arch.from_config(model.config, "tiny")
-    methods = parse_methods("original,fastv:K=2:R=0.75,vtw:K=1", arch.layers)
+    methods = parse_methods("original,fastv:K=2:R=0.75,vtw:K=1", arch)
     rows = run_bench(model, arch, methods, samples=2, new_tokens=3, text_tokens=12, warmup=1)
     assert rows.groupby("method").size().to_dict() == {"original": 2, "fastv:K=2:R=0.75": 2, "vtw:K=1": 2}
     assert (rows["ttft_ms"] > 0).all() and (rows["end_to_end_ms"] >= rows["ttft_ms"]).all()

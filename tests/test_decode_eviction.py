@@ -3,7 +3,7 @@
 import torch
 
 from dyrate_eval import executed_plan
-from dyrate_eval.hf_llava import install
+from dyrate_eval.hf_llava import install, model_arch
 from dyrate_eval.methods import PruningPolicy
 
 from .conftest import load_model
@@ -29,7 +29,8 @@ def test_progressive_eviction_matches_the_masked_reference(tiny_dir, make_inputs
     reference_tokens, reference_logits, _ = greedy(eager, inputs, len(KEEP_PER_STEP), output_attentions=True)
     reference.remove()
 
-    model = install(load_model(tiny_dir), ShrinkingKeep(4, {}))
+    model = load_model(tiny_dir)
+    install(model, ShrinkingKeep(model_arch(model), {}))
     tokens, logits, out = greedy(model, inputs, len(KEEP_PER_STEP))
     assert torch.equal(tokens, reference_tokens)
     torch.testing.assert_close(logits, reference_logits, atol=1e-5, rtol=0)

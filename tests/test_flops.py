@@ -9,7 +9,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from dyrate_eval import apply_pruning, executed_plan
-from dyrate_eval.flops import ARCHS, Arch, plan_flops, simulate_plan
+from dyrate_eval.arch import ARCHS, Arch
+from dyrate_eval.flops import plan_flops, simulate_plan
 from dyrate_eval.hf_llava import install
 from dyrate_eval.methods import make_policy
 
@@ -47,9 +48,10 @@ def test_plan_flops_agree_with_flop_counter_mode(tiny_dir, make_inputs, method, 
 def test_decode_eviction_flops_agree_with_flop_counter_mode(tiny_dir, make_inputs):
     inputs = make_inputs((0,))
     model = load_model(tiny_dir)
-    install(model, ShrinkingKeep(model.config.text_config.num_hidden_layers, {}))
+    arch = Arch.from_config(model.config, "tiny")
+    install(model, ShrinkingKeep(arch, {}))
     measured = counted_by_torch(model, inputs, len(KEEP_PER_STEP))
-    counted = plan_flops(executed_plan(model), Arch.from_config(model.config, "tiny"))
+    counted = plan_flops(executed_plan(model), arch)
     assert counted["scoring"] > 0
     assert abs(counted["total"] - measured) / measured < 0.01, (counted, measured)
 
@@ -65,19 +67,18 @@ def test_simulated_plan_is_the_executed_plan(tiny_dir, make_inputs, method, sett
         model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
     arch = Arch.from_config(model.config, "tiny")
     text_tokens = inputs["input_ids"].shape[1] - arch.n_img
-    policy = make_policy(method, arch.layers, **settings)
+    policy = make_policy(method, arch, **settings)
     assert simulate_plan(policy, arch, text_tokens, NEW).for_row(0) == executed_plan(model).for_row(0)
 
 
 def test_simulated_decode_eviction_is_the_executed_plan(tiny_dir, make_inputs):
     inputs = make_inputs((1,))
     model = load_model(tiny_dir)
-    layers = model.config.text_config.num_hidden_layers
-    install(model, ShrinkingKeep(layers, {}))
+    arch = Arch.from_config(model.config, "tiny")
+    install(model, ShrinkingKeep(arch, {}))
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=len(KEEP_PER_STEP), min_new_tokens=len(KEEP_PER_STEP), do_sample=False)
-    arch = Arch.from_config(model.config, "tiny")
-    simulated = simulate_plan(ShrinkingKeep(layers, {}), arch, inputs["input_ids"].shape[1] - arch.n_img, len(KEEP_PER_STEP))
+    simulated = simulate_plan(ShrinkingKeep(arch, {}), arch, inputs["input_ids"].shape[1] - arch.n_img, len(KEEP_PER_STEP))
     assert simulated.for_row(0) == executed_plan(model).for_row(0)
 
 

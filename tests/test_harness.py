@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dyrate_eval.flops import load_arch, plan_flops, simulate_plan
+from dyrate_eval.arch import load_arch
+from dyrate_eval.flops import plan_flops, simulate_plan
 from dyrate_eval.methods import make_policy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def test_each_sample_log_carries_its_measurements(single_run, tiny_dir):
     original for the same prompt and number of new tokens)."""
     results, by_doc = read_samples(single_run[0])
     arch = load_arch(tiny_dir)
-    fastv = make_policy("fastv", arch.layers, K=2, R=0.5)
+    fastv = make_policy("fastv", arch, K=2, R=0.5)
     ratios = []
     for sample in by_doc.values():
         measured = sample["token_counts"][0]["dyrate"]
@@ -79,7 +80,7 @@ def test_each_sample_log_carries_its_measurements(single_run, tiny_dir):
         # 4 layers, 64 image tokens, half dropped before layer 2
         assert measured["kept_image_by_step"][0] == (64 + 64 + 32 + 32) / 4
         expected = plan_flops(simulate_plan(fastv, arch, measured["text_tokens"], steps), arch)["total"]
-        original = plan_flops(simulate_plan(make_policy("original", arch.layers), arch, measured["text_tokens"], steps), arch)["total"]
+        original = plan_flops(simulate_plan(make_policy("original", arch), arch, measured["text_tokens"], steps), arch)["total"]
         assert measured["tflops"] * 1e12 == pytest.approx(expected, rel=1e-9)
         assert measured["flops_ratio"] == pytest.approx(expected / original, rel=1e-9)
         assert measured["ttft_ms"] > 0 and measured["end_to_end_ms"] >= measured["ttft_ms"]

@@ -9,10 +9,12 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from dyrate_eval.arch import load_arch
 from dyrate_eval.errors import PruningConfigError
 from dyrate_eval.methods import make_policy
 from dyrate_eval.report import REPORTED_SOURCE, write_report
 from dyrate_eval.trace import GROUPS, TRACE_FILE, trace_examples, write_trace
+from .test_dyrate import staircase_predictor
 from .test_harness import run_cli
 
 TABLES = ["table1_benchmarks", "table2_captioning", "table3_decoding", "table4_flops_target", "table5_ablation"]
@@ -20,19 +22,21 @@ TABLES = ["table1_benchmarks", "table2_captioning", "table3_decoding", "table4_f
 
 @pytest.fixture(scope="module")
 def report(tiny_dir, tmp_path_factory):
-    """original and FastV on two shapes tasks, FastV captions with beam-2 too, a trace."""
+    """original, FastV and DyRate on two shapes tasks, FastV captions with beam-2 too, a trace."""
     runs = tmp_path_factory.mktemp("runs")
+    predictor = staircase_predictor(load_arch(tiny_dir)).save(tmp_path_factory.mktemp("predictor"))
     for name, model, settings, gen_kwargs in (
         ("original", "original_llava", "", []),
         ("fastv", "fastv_llava", ",K=2,R=0.5", []),
         ("fastv_beam2", "fastv_llava", ",K=2,R=0.5", ["--gen_kwargs", "num_beams=2"]),
+        ("dyrate", "dyrate_llava", f",predictor={predictor}", []),
     ):
         tasks = "shapes_caption" if gen_kwargs else "shapes_caption,shapes_vqa"
         args = ["--model", model, "--model_args", f"pretrained={tiny_dir}{settings}", "--tasks", tasks, "--limit", "3", *gen_kwargs]
         log = run_cli(args, runs / name)
         assert list((runs / name).glob("**/*_results.json")), log[-3000:]
     image = Image.new("RGB", (112, 112), (200, 30, 30))
-    write_trace(runs / "trace", str(tiny_dir), make_policy("fastv", 4, K=2, R=0.5), [image], ["red"], "Describe the image.", 4)
+    write_trace(runs / "trace", str(tiny_dir), make_policy("fastv", load_arch(tiny_dir), K=2, R=0.5), [image], ["red"], "Describe the image.", 4)
     out = tmp_path_factory.mktemp("report")
     tables = write_report([runs], out)
     return runs, out, tables
@@ -47,7 +51,7 @@ def test_every_table_and_figure_is_written(report):
     _, out, _ = report
     for name in TABLES:
         assert (out / f"{name}.csv").is_file() and (out / f"{name}.md").is_file(), name
-    for figure in ("pareto.png", "fig2_attention_by_step.png", "fig4_kept_tokens.png"):
+    for figure in ("pareto.png", "fig2_attention_by_step.png", "fig3_dyrate_rates.png", "fig4_kept_tokens.png"):
         assert (out / figure).stat().st_size > 10_000, figure
 
 
@@ -60,7 +64,10 @@ def test_scores_and_flops_shares_come_from_the_runs(report):
     assert measured(table1, "original")["TFLOPs %"].item() == pytest.approx(100.0, abs=1e-9)
     assert 40 < measured(table1, "fastv")["TFLOPs %"].item() < 100
     csv = pd.read_csv(out / "table2_captioning.csv", keep_default_na=False)
-    assert set(csv[csv["source"] == "measured"]["Auto R"]) == {"no"}
+    measured_rows = csv[csv["source"] == "measured"]
+    assert set(measured_rows[measured_rows["method"] != "dyrate"]["Auto R"]) == {"no"}
+    assert set(measured_rows[measured_rows["method"] == "dyrate"]["Auto R"]) == {"yes"}
+    assert not measured(tables["table5_ablation"], "dyrate").empty, "DyRate's row in the ablation table"
 
 
 def test_reported_numbers_sit_in_their_own_labelled_rows(report):
@@ -87,7 +94,7 @@ def test_tables_list_their_run_files(report):
     runs, out, _ = report
     text = (out / "table1_benchmarks.md").read_text()
     listed = [line[2:] for line in text.split("Run files:\n")[1].splitlines()]
-    assert sorted(listed) == sorted(str(p) for name in ("original", "fastv") for p in (runs / name).glob("**/*_results.json"))
+    assert sorted(listed) == sorted(str(p) for name in ("original", "fastv", "dyrate") for p in (runs / name).glob("**/*_results.json"))
 
 
 def test_foreign_and_broken_files_are_named(report, tmp_path):
@@ -109,7 +116,7 @@ def test_trace_attention_shares_and_kept_tokens(tiny_dir):
     model = LlavaForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="eager").eval()
     processor = AutoProcessor.from_pretrained(tiny_dir)
     image = Image.new("RGB", (112, 112), (30, 200, 30))
-    [example] = trace_examples(model, processor, make_policy("fastv", 4, K=2, R=0.75), [image], "Describe the image.", 5)
+    [example] = trace_examples(model, processor, make_policy("fastv", load_arch(tiny_dir), K=2, R=0.75), [image], "Describe the image.", 5)
     for step, shares in enumerate(example["attention_by_step"]):
         assert sum(shares[g] for g in GROUPS) == pytest.approx(1.0, abs=1e-4), "each query's attention sums to one"
         assert (shares["response"] == 0) == (step == 0), "no response tokens before the first one"
@@ -117,3 +124,18 @@ def test_trace_attention_shares_and_kept_tokens(tiny_dir):
     history = example["kept_slots_by_step"]
     assert all(len(kept) == 16 and kept == history[0] for kept in history)
     assert torch.equal(torch.tensor(history[0]).unique(), torch.tensor(history[0]))
+
+
+def test_match_rate_gives_a_flops_matched_baseline(report, tiny_dir, capsys):
+    from dyrate_eval.cli import main
+    from dyrate_eval.flops import plan_flops, simulate_plan
+
+    runs, _, tables = report
+    assert main(["match-rate", str(runs / "dyrate"), "--task", "shapes_caption", "--set", "K=2", "--arch", str(tiny_dir)]) == 0
+    rate = float(capsys.readouterr().out.strip())
+    arch = load_arch(tiny_dir)
+    samples = [json.loads(line)["token_counts"][0]["dyrate"] for line in next((runs / "dyrate").glob("**/*_samples_shapes_caption.jsonl")).read_text().splitlines()]
+    spent = sum(plan_flops(simulate_plan(make_policy("fixed_prune", arch, K=2, R=rate), arch, s["text_tokens"], s["new_tokens"]), arch)["language_model"] for s in samples)
+    full = sum(plan_flops(simulate_plan(make_policy("original", arch), arch, s["text_tokens"], s["new_tokens"]), arch)["language_model"] for s in samples)
+    dyrate_share = measured(tables["table2_captioning"], "dyrate")["TFLOPs %"].item() / 100
+    assert spent / full == pytest.approx(dyrate_share, abs=0.02), "within a kept token of DyRate's share"

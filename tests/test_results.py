@@ -18,7 +18,7 @@ def test_methods_scores_and_sources(tmp_path):
     write_result(tmp_path / "b_results.json", "dyrate_llava", "pretrained=/m,method=vtw,K=3", {"exact_match,none": 0.25})
     write_result(tmp_path / "c_results.json", "fastv_llava", "pretrained=/m,K=2,R=0.5", {"exact_match,none": 0.75})
     table = results_table([tmp_path]).set_index("file")
-    assert table["method"].tolist() == ["original", "vtw", "fastv"]  # dyrate_llava without method= runs original
+    assert table["method"].tolist() == ["dyrate", "vtw", "fastv"]  # dyrate_llava without method= runs dyrate
     assert table["settings"].tolist() == ["", "K=3", "K=2,R=0.5"]
     assert table["exact_match"].tolist() == [0.5, 0.25, 0.75]
     assert "exact_match_stderr" not in table.columns

@@ -8,22 +8,24 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoProcessor, CLIPVisionConfig, CLIPVisionModel, LlavaForConditionalGeneration
 
 from dyrate_eval import apply_pruning, executed_plan
 from dyrate_eval.prompts import llava_prompt
 from dyrate_eval.shapes_tasks import SHORT_ANSWER_POST_PROMPT
 from dyrate_eval.train_embedded import (
     GRID,
+    LOCAL_OFFSETS,
     TrainConfig,
     TurnBuilder,
+    init_local_attention,
     pack,
     patch_labels,
     supervised_logits,
     tower_features,
     train_embedded,
 )
-from dyrate_eval.world import COLOURS, SHAPES, Scene, Thing, render, sample_scene
+from dyrate_eval.world import COLOURS, SHAPES, Scene, Thing, mcq_questions, render, sample_scene
 
 TASKS = Path(__file__).resolve().parents[1] / "tasks" / "shapes"
 
@@ -112,3 +114,56 @@ def test_task_yaml_post_prompts_are_the_training_post_prompt():
         text = (TASKS / f"{name}.yaml").read_text()
         loaded = yaml.safe_load("\n".join(line for line in text.splitlines() if "!function" not in line))
         assert loaded["lmms_eval_specific_kwargs"]["default"]["post_prompt"] == SHORT_ANSWER_POST_PROMPT, name
+
+
+def test_multiple_choice_answers_are_the_option_letter_tokens(trained):
+    """The answer of a multiple-choice turn is the very token that writes its option's
+    letter in the prompt ("\nB. circle"), not the space-prefixed letter, a different token."""
+    out, _ = trained
+    tokenizer = AutoProcessor.from_pretrained(out).tokenizer
+    builder = TurnBuilder(tokenizer, GRID * GRID, popular=[])
+    newline, dot = (tokenizer.convert_tokens_to_ids(t) for t in tokenizer.tokenize("\n."))
+    seen = set()
+    for scene_id in range(6):
+        for question in mcq_questions(sample_scene(scene_id), random.Random(scene_id)):
+            turn = builder.mcq_turn(question)
+            letter = turn.answer_ids[0]
+            assert turn.answer_ids == [letter, tokenizer.eos_token_id]
+            assert tokenizer.decode(turn.answer_ids, skip_special_tokens=True) == question["answer"]
+            assert letter != tokenizer(" " + question["answer"], add_special_tokens=False)["input_ids"][0]
+            lines = [turn.prompt_ids[i + 1] for i in range(len(turn.prompt_ids) - 2)
+                     if turn.prompt_ids[i] == newline and turn.prompt_ids[i + 2] == dot]
+            assert len(set(lines)) == 4 and lines["ABCD".index(question["answer"])] == letter
+            seen.add(question["answer"])
+    assert seen == set("ABCD")
+
+
+def test_instruction_turns_answer_letters_with_the_option_tokens(trained):
+    out, _ = trained
+    tokenizer = AutoProcessor.from_pretrained(out).tokenizer
+    builder = TurnBuilder(tokenizer, GRID * GRID, popular=["red circle", "blue square"])
+    letters = {tokenizer.convert_tokens_to_ids(letter) for letter in "ABCD"}
+    turns = builder.instruction_turns(sample_scene(7), random.Random(0), TrainConfig())
+    assert sum(turn.answer_ids[0] in letters for turn in turns) == TrainConfig().turns_mcq
+
+
+def test_local_attention_init_makes_each_head_attend_to_its_neighbour():
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
+                              image_size=168, patch_size=14, attn_implementation="eager")
+    tower = CLIPVisionModel(config).eval()
+    init_local_attention(tower, GRID)
+    assert torch.equal(tower.embeddings.position_embedding.weight[0], torch.zeros(192)), "the class token has no position"
+    with torch.no_grad():
+        attentions = tower(torch.randn(2, 3, 168, 168), output_attentions=True).attentions
+    for layer, offsets in enumerate(LOCAL_OFFSETS):
+        patches = attentions[layer][:, :, 1:, 1:]  # patch to patch
+        for head, (d_col, d_row) in enumerate(offsets):
+            for row in range(1, GRID - 1):
+                for col in range(1, GRID - 1):
+                    weights = patches[:, head, row * GRID + col]
+                    target = (row + d_row) * GRID + col + d_col
+                    assert (weights.argmax(-1) == target).all(), (layer, head, row, col)
+                    assert (weights[:, target] > 0.5).all(), (layer, head, row, col)
+    # the layer LLaVA reads and the last one keep CLIP's initialisation
+    assert tower.encoder.layers[2].self_attn.q_proj.weight.std() > 0.01
