@@ -8,8 +8,8 @@
 # K=3 and K=4 (R=0.75); VTW at its default K (half the depth) and at K=2; DyRate with
 # the two predictors shipped for the embedded model (trained for FLOPs shares of 0.6
 # and 0.7: its prefill-heavy FLOPs cannot go much below 0.5 at K=2; trained first if
-# missing); the layer schedules (below). Then the decoding
-# ablation (DyRate 0.6 captions with beam-2, beam-5 and top-p), the rate ablation
+# missing); the decoding ablation (DyRate 0.6 captions with beam-2, beam-5 and top-p).
+# Then the layer schedules (below) with a FastV cell at P-Sigmoid's FLOPs, the rate ablation
 # (FixedPrune and DepthBasedPrune at K=2 with the rate that spends DyRate 0.6's FLOPs
 # share on the captions, `dyrate-eval match-rate`), traces of four captions with FastV
 # and DyRate (attention per token group, kept tokens; the report's figures) and the
@@ -84,7 +84,9 @@ predictors=dyrate_eval/predictors
 for target in 0.6 0.7; do
   if [ "$paper" = 0 ] && [ ! -f "$predictors/embedded-flops$target/predictor.json" ]; then
     echo "the embedded model's DyRate predictor for a FLOPs share of $target is missing: training it (minutes)"
-    "$bin/dyrate-eval" train-predictor --target-flops "$target" --out "$predictors/embedded-flops$target"
+    # no rate 1: teacher forcing hides what dropping the whole image mid-caption costs,
+    # and predictors allowed it chose it in the middle of most captions
+    "$bin/dyrate-eval" train-predictor --target-flops "$target" --rates 0,0.25,0.5,0.75 --out "$predictors/embedded-flops$target"
   fi
 done
 
@@ -145,7 +147,7 @@ fi
 # traces and benchmarks, run after the cells; the paper's are traced on its first model
 if [ -n "$model_7b" ]; then trace_model=$model_7b; trace_predictor=$predictor_7b; else trace_model=$model_13b; trace_predictor=$predictor_13b; fi
 once=4
-schedule_cells=4
+schedule_cells=5
 [ "$paper" = 0 ] || { once=3; [ -z "$trace_predictor" ] || once=4; schedule_cells=0; }
 total=$((${#cells[@]} + schedule_cells + 2 * ${#ablation[@]} + once))
 index=0
@@ -185,8 +187,9 @@ done
 # G-Search with the KL and with the score criterion, P-Sigmoid at a 40% FLOPs budget
 # (both calibrated on the first 100 docs of shapes_vqa) and VTW's K by its KL rule on 20.
 # Each search writes its schedule file last, so a rerun skips a finished search (--force
-# redoes it). The schedules then run as cells on `shapes`, beside FastV K=2 at R=0.75
-# and R=0.9 (about the same FLOPs share); VTW's K only when one meets eta.
+# redoes it). The schedules then run as cells on `shapes`, with FastV at P-Sigmoid's
+# FLOPs share (the others have FastV cells of the grid beside them); VTW's K only when
+# one meets eta.
 if [ "$paper" = 0 ]; then
   schedules=$runs/schedules
   calibration_docs=100
@@ -218,6 +221,13 @@ if [ "$paper" = 0 ]; then
   run_cell "gsearch_kl|dyrate_llava|method=schedule,schedule=$schedules/gsearch_kl.json|shapes|"
   run_cell "gsearch_score|dyrate_llava|method=schedule,schedule=$schedules/gsearch_score.json|shapes|"
   run_cell "psigmoid_score_b0.4|dyrate_llava|method=schedule,schedule=$schedules/psigmoid_score_b0.4.json|shapes|"
+  # FastV at P-Sigmoid's FLOPs share (K=1: at K=2 FastV cannot go below about 50%)
+  if rate=$("$bin/dyrate-eval" match-rate "$runs/psigmoid_score_b0.4" --task shapes_vqa --method fastv --set K=1); then
+    run_cell "fastv_K1_R$rate|fastv_llava|K=1,R=$rate|shapes|"
+  else
+    index=$((index + 1))
+    echo "no FastV rate matches P-Sigmoid's FLOPs share (see the message above), no cell" >&2
+  fi
   vtw_k=$("$bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["K"] or "")' "$schedules/vtw_k.json")
   if [ -n "$vtw_k" ]; then
     run_cell "vtw_K${vtw_k}_searched|vtw_llava|K=$vtw_k|shapes|"

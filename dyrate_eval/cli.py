@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     predictor.add_argument("--flops-constraint", default=defaults.flops_constraint,
                            help="sample (default): each sample's FLOPs share is pulled to the target; batch: the batch's share")
     predictor.add_argument("--temperature", type=float, default=defaults.temperature,
-                           help=f"tau of the Gumbel-Softmax at the start (default {defaults.temperature:g})")
+                           help=f"tau dividing the predictor's logits at the start (default {defaults.temperature:g})")
     predictor.add_argument("--temperature-final", type=float, default=defaults.temperature_final,
                            help=f"tau at the last step, by exponential decay (default {defaults.temperature_final:g}; "
                                 "equal to --temperature for a constant tau)")

@@ -166,12 +166,13 @@ def rate_for_share(method: str, arch: Arch, share: float, samples: list[tuple[in
     that chooses its own rate."""
     from .methods import make_policy
 
+    def spent(policy: PruningPolicy) -> int:
+        return sum(plan_flops(simulate_plan(policy, arch, text, new), arch)["language_model"] for text, new in samples)
+
+    full = spent(make_policy("original", arch))
+
     def share_at(rate: float) -> float:
-        policy = make_policy(method, arch, R=rate, **settings)
-        original = make_policy("original", arch)
-        spent = sum(plan_flops(simulate_plan(policy, arch, text, new), arch)["language_model"] for text, new in samples)
-        full = sum(plan_flops(simulate_plan(original, arch, text, new), arch)["language_model"] for text, new in samples)
-        return spent / full
+        return spent(make_policy(method, arch, R=rate, **settings)) / full
 
     low, high = 0.0, 1.0
     if not share_at(high) <= share <= share_at(low):

@@ -57,6 +57,8 @@ def layer_setting(default: Callable[[Arch], int]) -> Setting:
 
 
 RATE_SETTING = Setting("R", "a number in [0, 1]", _parse_rate, lambda arch: 0.5)
+
+
 def choice_setting(name: str, choices: tuple[str, ...], default: str) -> Setting:
     """A setting that takes one of ``choices``."""
 
@@ -193,7 +195,7 @@ def _default_predictor(arch: Arch) -> RatePredictor:
     raise PruningConfigError(
         f"method 'dyrate' needs predictor=DIR: no trained predictor ships for {arch.name or 'this model'}; "
         f"train one with `dyrate-eval train-predictor --pretrained {arch.name or 'MODEL'} --out DIR` "
-        "(it fits in minutes on a GPU) and pass predictor=DIR"
+        "and pass predictor=DIR"
     )
 
 

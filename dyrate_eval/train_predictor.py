@@ -3,8 +3,8 @@
 Each step takes a batch of (image, prompt, reference answer) examples and runs the
 model teacher-forced on prompt + answer (``hf_llava.TeacherForcedPass``): layers < K
 once without gradients, giving at every step what the predictor observes at layer K-1.
-The predictor's logits over the rates become one-hot choices by the straight-through
-Gumbel-Softmax; each step's kept set follows from the choices with the rule generation
+The predictor's logits over the rates, divided by an annealed temperature, become
+one-hot choices by the straight-through Gumbel-Softmax; each step's kept set follows from the choices with the rule generation
 uses (``predictor.kept_masks``); layers >= K run with those sets as weights on the
 image keys, so the cross-entropy of the reference reaches the choices. The loss adds
 lambda x (expected FLOPs share - target)^2, each sample's share (or the batch's, see
@@ -59,7 +59,7 @@ class PredictorTrainConfig:
     # the budget unevenly. Teacher forcing makes long answers look cheap to prune (the
     # reference, not the model's own words, comes next), so per batch it starves them.
     flops_constraint: str = "sample"
-    temperature: float = 1.0  # tau of the Gumbel-Softmax at the first step
+    temperature: float = 1.0  # tau dividing the predictor's logits at the first step
     # tau at the last step, reached by exponential decay: sharper samples late in
     # training make the inference-time argmax the choice that training optimised
     temperature_final: float = 0.2
@@ -241,7 +241,11 @@ def predictor_loss(model, predictor: RatePredictor, arch: Arch, batch: Batch, co
     """The training loss of one batch and what to log of it."""
     observed = TeacherForcedPass(model, batch.input_ids, batch.pixel_values, batch.prompt_lengths, batch.answer_lengths, config.K)
     rate_logits = predictor(observed.group_attention)  # (B, T, rates)
-    choice = F.gumbel_softmax(rate_logits, tau=temperature, hard=True)
+    # The hard samples of a Gumbel-Softmax follow softmax(logits) whatever its tau, while
+    # inference takes the argmax: sampling from softmax(logits / tau) instead, with tau
+    # annealed, makes the late training steps run (and pay the FLOPs of) the argmax policy.
+    sharpened = rate_logits / temperature
+    choice = F.gumbel_softmax(sharpened, tau=1.0, hard=True)
     keep_per_rate = predictor.keep_counts(observed.n_img)
     weights, hard, counts = kept_masks(observed.image_scores, observed.img_present, choice, keep_per_rate,
                                        observed.step_valid, config.mode == "progressive")
@@ -250,7 +254,7 @@ def predictor_loss(model, predictor: RatePredictor, arch: Arch, batch: Batch, co
     cross_entropy = F.cross_entropy(logits[valid].float(), batch.targets[valid])
 
     text_tokens = batch.prompt_lengths - observed.n_img
-    expected_kept = (rate_logits.softmax(-1) * counts).sum(-1)  # (B, T)
+    expected_kept = (sharpened.softmax(-1) * counts).sum(-1)  # (B, T)
     flops, original = kept_count_flops(arch, config.K, text_tokens, observed.n_img, expected_kept, batch.answer_lengths, predictor.flops)
     share = flops.sum() / original.sum()
     gaps = (flops / original if config.flops_constraint == "sample" else share) - config.target_flops
