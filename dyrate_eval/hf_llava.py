@@ -90,6 +90,13 @@ def _token_groups(is_image: torch.Tensor, prompt_lengths: torch.Tensor) -> torch
     return groups
 
 
+def _sum_by_group(probs: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """(..., len(GROUPS)): attention rows ``probs`` (..., L) summed over the keys of each
+    token group; ``groups`` (L positions' group indices) broadcasts to ``probs``."""
+    summed = probs.new_zeros(*probs.shape[:-1], len(GROUPS))
+    return summed.scatter_add_(-1, groups.expand_as(probs), probs)
+
+
 def _image_slots(is_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the positions of its image tokens in ascending order, padded to the row
     with the most (positions 0 there), and which slots are real: ((B, N), (B, N))."""
@@ -474,8 +481,7 @@ class _PrunedDecoderMixin:
     def _dyrate_group_attention(state, obs_layer, probs):
         """(B, heads, len(GROUPS)) the step's attention per head summed over each token group."""
         groups = state.group_of_position().gather(1, state.layouts[obs_layer].index)
-        index = groups[:, None, :].expand_as(probs)
-        return probs.new_zeros(*probs.shape[:2], len(GROUPS)).scatter_add_(2, index, probs)
+        return _sum_by_group(probs, groups[:, None, :])
 
     @staticmethod
     def _dyrate_scatter_rows(full, hidden, layout):
@@ -716,9 +722,7 @@ class TeacherForcedPass:
             key_ok = positions[None, None, :] <= self.step_rows[..., None]  # (B, T, L): causal
             probs = _attention_rows(language_model.layers[K - 1], _rotary_of(language_model), layer_input, self._rotary,
                                     self.step_rows, key_ok)  # (B, H, T, L)
-            groups = _token_groups(self.is_image, prompt_lengths)
-            index = groups[:, None, None, :].expand_as(probs)
-            by_group = probs.new_zeros(*probs.shape[:3], len(GROUPS)).scatter_add_(3, index, probs)
+            by_group = _sum_by_group(probs, _token_groups(self.is_image, prompt_lengths)[:, None, None, :])
             self.group_attention = by_group.transpose(1, 2)  # (B, T, H, groups): what the predictor observes
             per_key = probs.mean(1)  # (B, T, L)
             self.image_scores = per_key.gather(2, self.img_pos[:, None, :].expand(-1, len(steps), -1))  # (B, T, N)

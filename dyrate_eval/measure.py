@@ -17,7 +17,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from .arch import Arch
 from .flops import plan_flops, simulate_plan
 from .methods import make_policy
-from .plan import ExecutedPlan
+from .plan import ExecutedPlan, chosen_rates
 
 
 class StepClock(LogitsProcessor):
@@ -107,10 +107,10 @@ def sample_measurements(plan: ExecutedPlan, arch: Arch, lengths: list[int], num_
         language_model = sum(p["language_model"] for p in parts)
         reference, reference_language_model = (num_beams * f for f in original_flops(arch, text_tokens, length))
         kept = torch.tensor(first["kept_image"], dtype=torch.float32)  # (steps, layers)
-        decided = [keep >= 0 for keep in first["chosen_keep"]]
-        decisions = {} if not any(decided) else {
+        rates = chosen_rates(first)
+        decisions = {} if all(rate is None for rate in rates) else {
             # DyRate's choices: the rate per step and what its observation layer saw
-            "rate_by_step": [round(1 - keep / first["n_img"], 4) if ok else None for keep, ok in zip(first["chosen_keep"], decided)],
+            "rate_by_step": rates,
             "group_attention_by_step": [[round(v, 4) for v in shares] if shares else None for shares in first["group_attention"]],
         }
         records.append({

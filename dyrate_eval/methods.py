@@ -233,8 +233,7 @@ class DyRate(PruningPolicy):
         if layer != self.K:
             return None
         with torch.no_grad():
-            rate = self.predictor.to(view.group_attention.device).choose(view.group_attention)
-        return torch.round((1.0 - rate.double()) * view.n_img.double()).long()
+            return self.predictor.to(view.group_attention.device).choose_keep(view.group_attention, view.n_img)
 
 
 class FixedPrune(PruningPolicy):

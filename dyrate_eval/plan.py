@@ -100,3 +100,9 @@ class ExecutedPlan:
     def _shares(self, step: int, row: int) -> list[float] | None:
         shares = self.group_attention[step][row]
         return None if bool(shares.isnan().any()) else shares.tolist()
+
+
+def chosen_rates(record: dict) -> list[float | None]:
+    """Per step of a row's plan record (``ExecutedPlan.for_row``), the rate a deciding
+    policy chose, 1 - kept / image tokens; None where no decision was made."""
+    return [None if keep < 0 else round(1 - keep / record["n_img"], 4) for keep in record["chosen_keep"]]

@@ -86,6 +86,11 @@ class RatePredictor(torch.nn.Module):
         rates = torch.tensor(self.rates, device=group_attention.device)
         return rates[self(group_attention).argmax(-1)]
 
+    def choose_keep(self, group_attention: torch.Tensor, n_img: torch.Tensor) -> torch.Tensor:
+        """(B,) the image tokens to keep: the count of the highest-logit rate, as training counts it."""
+        index = self(group_attention).argmax(-1)
+        return self.keep_counts(n_img).gather(1, index[:, None].to(n_img.device))[:, 0]
+
     def keep_counts(self, n_img: torch.Tensor) -> torch.Tensor:
         """(B, rates): the image tokens each rate keeps, round((1 - r) * N)."""
         rates = torch.tensor(self.rates, dtype=torch.float64, device=n_img.device)
@@ -140,7 +145,7 @@ class RatePredictor(torch.nn.Module):
 
 
 def kept_masks(scores: torch.Tensor, candidates: torch.Tensor, choice: torch.Tensor, keep_per_rate: torch.Tensor,
-               step_valid: torch.Tensor, progressive: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+               step_valid: torch.Tensor, progressive: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The image tokens each step keeps, as in generation, for teacher-forced training.
 
     ``scores`` (B, T, N): each step's attention per image slot; ``candidates`` (B, N):

@@ -18,7 +18,7 @@ from PIL import Image
 from .errors import PruningConfigError
 from .hf_llava import install, last_plan, uninstall
 from .methods import PruningPolicy
-from .plan import GROUPS
+from .plan import GROUPS, chosen_rates
 from .pruning import resolve_dtype
 from .prompts import llava_prompt
 
@@ -63,7 +63,7 @@ def trace_examples(model, processor, policy: PruningPolicy, images: list[Image.I
             "response": processor.tokenizer.decode(pruned[0, prompt_length:], skip_special_tokens=True).strip(),
             "kept_slots_by_step": [step.nonzero().flatten().tolist() for step in plan.kept_slots(0)],
             # the rate a per-step policy (DyRate) chose, where it chose one
-            "rate_by_step": [None if keep < 0 else round(1 - keep / row["n_img"], 4) for keep in row["chosen_keep"]],
+            "rate_by_step": chosen_rates(row),
         })
     return examples
 
