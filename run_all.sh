@@ -4,12 +4,14 @@
 # the `shapes` tasks), then the report (the paper's tables and figures) into results/.
 #
 # The grid: the original model; FastV at K=2 with R = 0.5, 0.75, 0.9, each with its
-# attention-ranked selection and with a random selection of the same count; FastV at
-# K=3 and K=4 (R=0.75); VTW at its default K (half the depth) and at K=2; DyRate with
-# the two predictors shipped for the embedded model (trained for FLOPs shares of 0.6
-# and 0.7: its prefill-heavy FLOPs cannot go much below 0.5 at K=2; trained first if
-# missing); the decoding ablation (DyRate 0.6 captions with beam-2, beam-5 and top-p).
-# Then the layer schedules (below) with a FastV cell at P-Sigmoid's FLOPs, the rate ablation
+# attention-ranked selection and with a random selection of the same count, and R = 0.25
+# (FastV at each rate DyRate chooses from: results/embedded_caption_rate_by_objects.md
+# is what one rate per kind of scene could buy); FastV at K=3 and K=4 (R=0.75); VTW at
+# its default K (half the depth) and at K=2; DyRate with the two predictors shipped for
+# the embedded model (trained for FLOPs shares of 0.6 and 0.7: its prefill-heavy FLOPs
+# cannot go much below 0.5 at K=2; trained first if missing); the decoding ablation
+# (DyRate 0.6 captions with beam-2, beam-5 and top-p). Then the layer schedules (below)
+# with a FastV cell at P-Sigmoid's FLOPs, the rate ablation
 # (FixedPrune and DepthBasedPrune at K=2 with the rate that spends DyRate 0.6's FLOPs
 # share on the captions, `dyrate-eval match-rate`), traces of four captions with FastV
 # and DyRate (attention per token group, kept tokens; the report's figures) and the
@@ -50,7 +52,7 @@ while [ $# -gt 0 ]; do
     --model-13b) model_13b=$2; shift ;;
     --predictor-7b) predictor_7b=$2; shift ;;
     --predictor-13b) predictor_13b=$2; shift ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown argument $1 (allowed: --force, --limit N, --paper --model-7b ID --model-13b ID" \
          "--predictor-7b DIR --predictor-13b DIR)" >&2; exit 2 ;;
   esac
@@ -130,6 +132,7 @@ cells=(
   "dyrate_flops0.7|dyrate_llava|predictor=$predictors/embedded-flops0.7|shapes|"
   "fastv_K2_R0.75|fastv_llava|K=2,R=0.75|shapes|"
   "fastv_K2_R0.9|fastv_llava|K=2,R=0.9|shapes|"
+  "fastv_K2_R0.25|fastv_llava|K=2,R=0.25|shapes|"
   "fastv_K2_R0.5_random|fastv_llava|K=2,R=0.5,selection=random|shapes|"
   "fastv_K2_R0.75_random|fastv_llava|K=2,R=0.75,selection=random|shapes|"
   "fastv_K2_R0.9_random|fastv_llava|K=2,R=0.9,selection=random|shapes|"
@@ -151,20 +154,25 @@ schedule_cells=5
 [ "$paper" = 0 ] || { once=3; [ -z "$trace_predictor" ] || once=4; schedule_cells=0; }
 total=$((${#cells[@]} + schedule_cells + 2 * ${#ablation[@]} + once))
 index=0
+# Counts a cell and says whether it runs: not when its output ($2, non-empty) is there
+# from an earlier run, unless --force. $3: where its log goes.
+cell_starts() {
+  index=$((index + 1))
+  if [ "$force" = 0 ] && [ -n "$2" ]; then
+    echo "[$index/$total] $1: done earlier, skipped"
+    return 1
+  fi
+  echo "[$index/$total] $1: running${3:+ (log: $3)}"
+  started=$SECONDS
+}
 # One lmms-eval cell: name | lmms-eval model | model_args | tasks | gen_kwargs.
 run_cell() {
   local name lmms_model model_args tasks gen_kwargs out
   IFS='|' read -r name lmms_model model_args tasks gen_kwargs <<<"$1"
-  index=$((index + 1))
   out="$runs/$name"
   # lmms-eval puts the results file in a subfolder named after pretrained=, or directly
   # in the output folder when pretrained= is not given
-  if [ "$force" = 0 ] && [ -n "$(find "$out" -name '*_results.json' 2>/dev/null)" ]; then
-    echo "[$index/$total] $name: done earlier, skipped"
-    return
-  fi
-  echo "[$index/$total] $name: running (log: $out.partial/log.txt)"
-  started=$SECONDS
+  cell_starts "$name" "$(find "$out" -name '*_results.json' 2>/dev/null)" "$out.partial/log.txt" || return 0
   rm -rf "$out" "$out.partial"
   mkdir -p "$out.partial"
   "$bin/lmms-eval" --model "$lmms_model" ${model_args:+--model_args "$model_args"} ${gen_kwargs:+--gen_kwargs "$gen_kwargs"} \
@@ -258,13 +266,7 @@ done
 run_once() {
   local name=$1 output=$2
   shift 2
-  index=$((index + 1))
-  if [ "$force" = 0 ] && [ -f "$output" ]; then
-    echo "[$index/$total] $name: done earlier, skipped"
-    return
-  fi
-  echo "[$index/$total] $name: running"
-  started=$SECONDS
+  cell_starts "$name" "$(find "$output" 2>/dev/null)" || return 0
   rm -rf "$runs/$name"
   mkdir -p "$runs/$name"
   "$@"

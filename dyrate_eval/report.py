@@ -23,6 +23,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from adjustText import adjust_text  # noqa: E402
 
 from .errors import PruningConfigError  # noqa: E402
 from .methods import METHODS, SCHEDULE_SEARCHES  # noqa: E402
@@ -274,6 +275,18 @@ def write_table(table: pd.DataFrame, out_dir: Path, name: str, sources: list[str
 # -- figures ----------------------------------------------------------------------------------
 
 
+def point_label(settings: str) -> str:
+    """A run's settings as a short point label: values that are paths by their file or
+    folder name, the calibration task of searched schedules left out."""
+    parts = []
+    for item in filter(None, settings.split(",")):
+        key, _, value = item.partition("=")
+        if key == "task":
+            continue
+        parts.append(f"{key}={Path(value).name}" if "/" in value else item)
+    return " ".join(parts)
+
+
 def pareto_figure(tables: dict[str, pd.DataFrame], path: Path) -> None:
     """Score against TFLOPs % for every method: one panel per score column that has
     measured or reported points with a TFLOPs share."""
@@ -293,19 +306,21 @@ def pareto_figure(tables: dict[str, pd.DataFrame], path: Path) -> None:
     if not panels:
         axes[0, 0].text(0.5, 0.5, "no runs with both a score and a FLOPs share", ha="center", va="center")
     for axis, (column, points) in zip(axes.flat, panels):
+        labels = []
         for (source, model, method), group in points.groupby(["source", "model", "method"], sort=False):
             colour = plt.cm.tab10(METHOD_ORDER.index(method) % 10 if method in METHOD_ORDER else 9)
             reported = source == REPORTED_SOURCE
             axis.scatter(group["TFLOPs %"], group[column], label=f"{method} ({model}{', reported' if reported else ''})",
                          marker="s" if reported else "o", facecolors="none" if reported else colour, edgecolors=colour)
-            for _, point in group.iterrows():
-                if point["settings"]:
-                    axis.annotate(point["settings"], (point["TFLOPs %"], point[column]), fontsize=6, alpha=0.7)
+            labels += [axis.text(point["TFLOPs %"], point[column], point_label(point["settings"]), fontsize=6, alpha=0.8)
+                       for _, point in group.iterrows() if point["settings"]]
         axis.set_xlabel("TFLOPs % of the original (language model)")
         axis.set_ylabel(column)
         axis.set_title(column)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=6)
+        # runs at nearly the same FLOPs share and score would write their labels over each other
+        adjust_text(labels, ax=axis, arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -359,9 +374,14 @@ def kept_tokens_figure(traces: list[tuple[Path, dict]], path: Path, steps_shown:
         image = np.asarray(Image.open(file.parent / example["image"]).convert("RGB"), dtype=np.float32) / 255
         grid = trace["grid"]
         history = example["kept_slots_by_step"]
+        # the rate set is in the trace's policy too; a row names the method and its settings
+        settings = {k: v for k, v in trace["policy"].items() if k not in ("method", "rates")}
+        policy = f"{trace['policy'].get('method', '')} {point_label(','.join(f'{k}={v}' for k, v in settings.items()))}"
         shown = sorted(set(np.linspace(0, len(history) - 1, steps_shown).round().astype(int)))
         for column, axis in enumerate(axes[row]):
-            axis.axis("off")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            axis.set_frame_on(False)
             if column >= len(shown):
                 continue
             step = shown[column]
@@ -370,12 +390,11 @@ def kept_tokens_figure(traces: list[tuple[Path, dict]], path: Path, steps_shown:
             cell_h, cell_w = image.shape[0] / grid, image.shape[1] / grid
             mask = np.kron(kept.reshape(grid, grid), np.ones((int(np.ceil(cell_h)), int(np.ceil(cell_w)))))[: image.shape[0], : image.shape[1]]
             axis.imshow(image * (0.25 + 0.75 * mask[..., None]))
-            policy = ", ".join(f"{k}={v}" for k, v in trace["policy"].items())
             rates = example.get("rate_by_step") or []
             chosen = f", rate {rates[step]:g}" if step < len(rates) and rates[step] is not None else ""
             axis.set_title(f"step {step}: {int(kept.sum())}/{grid * grid} kept{chosen}", fontsize=8)
             if column == 0:
-                axis.text(0, -0.25, f"{example.get('name', '')} | {policy}", transform=axis.transAxes, fontsize=6)
+                axis.set_ylabel(f"{example.get('name', '')}\n{policy}", fontsize=6)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

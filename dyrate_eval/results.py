@@ -7,6 +7,7 @@ scores with the method settings that produced them.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -93,8 +94,46 @@ SHAPES_SCORES = {
     ("shapes_pope", "yes_ratio"): "pope yes-ratio",
     ("shapes_mcq", "accuracy"): "mcq acc",
 }
-# Per-item breakdowns: task -> (doc field grouped by, per-sample metric in the samples log).
-SHAPES_BREAKDOWN = {"shapes_vqa": ("kind", "exact_match"), "shapes_mcq": ("kind", "accuracy"), "shapes_pope": ("split", "accuracy")}
+
+
+def _object_count(doc: dict) -> str:
+    count = len(doc["things"])
+    return f"{count} object" + ("s" if count > 1 else "")
+
+
+def _per_sample(metric: str):
+    def scores(samples: list[dict]) -> list[float]:
+        values = [sample[metric] for sample in samples]
+        # pope keeps the prediction for its aggregate metrics
+        return [float(v["prediction"] == v["truth"]) if isinstance(v, dict) else float(v) for v in values]
+
+    return scores
+
+
+def caption_cider_per_sample(samples: list[dict]) -> list[float]:
+    """Each caption's CIDEr-D, from the references and prediction the caption task logs.
+    pycocoevalcap takes its document frequencies from the references alone, so these
+    average to the run's CIDEr and a group's mean is its share of it."""
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    entries = [sample["shapes_CIDEr"] for sample in samples]
+    tokenizer = PTBTokenizer()
+    references = tokenizer.tokenize({i: [{"caption": c} for c in e["references"]] for i, e in enumerate(entries)})
+    predictions = tokenizer.tokenize({i: [{"caption": e["prediction"]}] for i, e in enumerate(entries)})
+    _, scores = Cider().compute_score(references, predictions)
+    by_index = dict(zip(references, scores))  # Cider scores in the order of the references' keys
+    return [float(by_index[i]) for i in range(len(entries))]
+
+
+# Per-item breakdowns: task -> (what groups an item, from its doc; the items' scores,
+# from the samples log). Captions group by how many objects the scene has.
+SHAPES_BREAKDOWN = {
+    "shapes_caption": (_object_count, caption_cider_per_sample),
+    "shapes_vqa": (lambda doc: doc["kind"], _per_sample("exact_match")),
+    "shapes_mcq": (lambda doc: doc["kind"], _per_sample("accuracy")),
+    "shapes_pope": (lambda doc: doc["split"], _per_sample("accuracy")),
+}
 
 
 def _method_order(table: pd.DataFrame) -> pd.DataFrame:
@@ -120,8 +159,9 @@ def samples_file(results_file: Path, task: str) -> Path:
 
 
 def shapes_breakdown(table: pd.DataFrame) -> pd.DataFrame:
-    """Scores per question kind (vqa, mcq) and per negative-sampling split (pope), from
-    the samples logs (runs need --log_samples) joined with the tasks' docs."""
+    """Scores per question kind (vqa, mcq), per negative-sampling split (pope) and caption
+    CIDEr per number of objects in the scene, from the samples logs (runs need
+    --log_samples) joined with the tasks' docs."""
     from .shapes_tasks import BUILDERS
 
     docs = {f"shapes_{name}": {doc["doc_id"]: doc for doc in build()} for name, build in BUILDERS.items()}
@@ -131,23 +171,82 @@ def shapes_breakdown(table: pd.DataFrame) -> pd.DataFrame:
         for file, task in zip(rows["file"], rows["task"]):
             if task not in SHAPES_BREAKDOWN:
                 continue
-            field, metric = SHAPES_BREAKDOWN[task]
-            samples = samples_file(Path(file), task)
-            if not samples.exists():
-                raise PruningConfigError(f"{samples} is missing: run lmms-eval with --log_samples for the per-kind table")
+            group_of, scores_of = SHAPES_BREAKDOWN[task]
+            samples_path = samples_file(Path(file), task)
+            if not samples_path.exists():
+                raise PruningConfigError(f"{samples_path} is missing: run lmms-eval with --log_samples for the per-kind table")
+            samples = [json.loads(line) for line in samples_path.read_text().splitlines()]
             scores: dict[str, list[float]] = {}
-            for line in samples.read_text().splitlines():
-                sample = json.loads(line)
-                value = sample[metric]
-                if isinstance(value, dict):  # pope keeps the prediction for its aggregate metrics
-                    value = float(value["prediction"] == value["truth"])
-                scores.setdefault(docs[task][sample["doc_id"]][field], []).append(float(value))
+            for sample, score in zip(samples, scores_of(samples)):
+                scores.setdefault(group_of(docs[task][sample["doc_id"]]), []).append(score)
             short = task.removeprefix("shapes_")
             for group in sorted(scores):
                 record[f"{short} {group}"] = sum(scores[group]) / len(scores[group])
         records.append(record)
     return _method_order(pd.DataFrame(records))
 
+
+def _caption_costs_by_objects(file: str, docs: dict) -> pd.DataFrame:
+    """Per number of objects: the captions' summed CIDEr, count, and language-model
+    TFLOPs pruned and unpruned (from the wrappers' per-sample measurements)."""
+    path = samples_file(Path(file), "shapes_caption")
+    samples = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = []
+    for sample, cider in zip(samples, caption_cider_per_sample(samples)):
+        measured = next(c["dyrate"] for c in sample["token_counts"] if isinstance(c, dict) and "dyrate" in c)
+        tflops = measured["tflops_language_model"]
+        rows.append({"objects": _object_count(docs[sample["doc_id"]]), "cider": cider, "count": 1,
+                     "tflops": tflops, "tflops_original": tflops / measured["flops_ratio_language_model"]})
+    return pd.DataFrame(rows).groupby("objects").sum()
+
+
+def caption_rate_by_objects(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """What one FastV rate per kind of scene could buy over one rate for all.
+
+    From the greedy caption runs of the original model and of attention-ranked FastV at
+    one K with several R: every assignment of those R to the scenes by their number of
+    objects, scored with the runs' own per-caption CIDEr and FLOPs. For the FLOPs share
+    of each single-R run, the best assignment spending no more: a ceiling for any policy
+    that sets the prefill rate from how many objects an image holds, as a learned
+    per-image rate (DyRate) might. Returns the table (empty without such runs) and the
+    run files it read."""
+    from .shapes_tasks import BUILDERS
+
+    captions = table[(table["task"] == "shapes_caption") & (table["decoding"] == "greedy")]
+    original: dict[float, str] = {}  # R = 0
+    fastv: dict[str, dict[float, str]] = {}  # K -> R -> file
+    for method, settings, file in zip(captions["method"], captions["settings"], captions["file"]):
+        args = _parse_model_args(settings)
+        if method == "original":
+            original[0.0] = file
+        elif method == "fastv" and args.get("selection", "attention") == "attention" and {"K", "R"} <= set(args):
+            fastv.setdefault(args["K"], {})[float(args["R"])] = file
+    docs = {doc["doc_id"]: doc for doc in BUILDERS["caption"]()}
+    rows, files = [], []
+    for k, by_rate in fastv.items():
+        by_rate = dict(sorted({**original, **by_rate}.items()))
+        if len(by_rate) < 2:
+            continue
+        costs = {rate: _caption_costs_by_objects(file, docs) for rate, file in by_rate.items()}
+        files += by_rate.values()
+        groups = sorted(set.intersection(*(set(c.index) for c in costs.values())))
+        rates = list(costs)
+        count = sum(costs[rates[0]].loc[g, "count"] for g in groups)
+
+        def total(assignment):
+            parts = [costs[rate].loc[group] for group, rate in zip(groups, assignment)]
+            return sum(p["cider"] for p in parts) / count, 100 * sum(p["tflops"] for p in parts) / sum(p["tflops_original"] for p in parts)
+
+        assignments = [(a, *total(a)) for a in itertools.product(rates, repeat=len(groups))]
+        for rate in rates:
+            cider, share = total([rate] * len(groups))
+            best, best_cider, best_share = max((a for a in assignments if a[2] <= share + 1e-9), key=lambda a: a[1])
+            rows.append({
+                "K": k, "R": rate, "TFLOPs %": share, "caption CIDEr": cider,
+                "best per-objects CIDEr": best_cider, "its TFLOPs %": best_share,
+                "its R by objects": ", ".join(f"{g}: {r:g}" for g, r in zip(groups, best)),
+            })
+    return pd.DataFrame(rows), files
 
 def _write_table(table: pd.DataFrame, out_dir: Path, name: str, sources: list[str]) -> None:
     table.to_csv(out_dir / f"{name}.csv", index=False)
@@ -160,7 +259,8 @@ def _write_table(table: pd.DataFrame, out_dir: Path, name: str, sources: list[st
 def write_summary(paths: list[str | Path], out_dir: str | Path, name: str = "summary") -> pd.DataFrame:
     """``<name>.csv`` and ``<name>.md``: scores per run and task, with the files read.
     Runs of the shapes tasks also get ``<name>_scores`` (a row per method setting) and
-    ``<name>_by_kind`` (per question kind and yes/no split)."""
+    ``<name>_by_kind`` (per question kind, yes/no split and objects per captioned scene)
+    and, with FastV caption runs at several R, ``<name>_caption_rate_by_objects``."""
     table = results_table(paths)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -169,4 +269,7 @@ def write_summary(paths: list[str | Path], out_dir: str | Path, name: str = "sum
     if not shapes.empty:
         _write_table(shapes_scores(shapes), out_dir, f"{name}_scores", shapes["file"].tolist())
         _write_table(shapes_breakdown(shapes), out_dir, f"{name}_by_kind", shapes["file"].tolist())
+        headroom, files = caption_rate_by_objects(shapes)
+        if not headroom.empty:
+            _write_table(headroom, out_dir, f"{name}_caption_rate_by_objects", files)
     return table

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dyrate_eval.results import SHAPES_SCORES, write_summary
+from dyrate_eval.results import SHAPES_SCORES, caption_cider_per_sample, write_summary
 from dyrate_eval.shapes_tasks import EVAL_SEED, SCENE_RANGES, write_task_data
 
 from .test_harness import REPO, run_cli
@@ -58,6 +58,18 @@ def test_pope_metrics():
     assert utils.pope_yes_ratio(results) == pytest.approx(2 / 5)
 
 
+def test_per_caption_cider_averages_to_the_task_metric():
+    """The per-kind table's caption columns average per-caption CIDEr: their mean over all
+    captions must be the caption task's own corpus CIDEr."""
+    utils = load_task_utils()
+    docs = [json.loads(line) for line in (TASK_DIR / "data" / "caption.jsonl").read_text().splitlines()[:4]]
+    predictions = [docs[0]["captions"][0], "a red circle on a white background.", docs[2]["captions"][1][:30], "nothing"]
+    entries = [utils.caption_process_results(doc, [text])["shapes_CIDEr"] for doc, text in zip(docs, predictions)]
+    per_caption = caption_cider_per_sample([{"shapes_CIDEr": entry} for entry in entries])
+    assert per_caption[0] > per_caption[1] and per_caption[3] == 0
+    assert sum(per_caption) / len(per_caption) == pytest.approx(utils.caption_cider(entries))
+
+
 def test_mcq_reads_the_chosen_letter():
     utils = load_task_utils()
     assert [utils.chosen_letter(text) for text in ("B", "b.", "The answer is C", "(D) pink", "none")] == ["B", "B", "C", "D", None]
@@ -105,9 +117,19 @@ def test_summary_tables_of_the_shapes_runs(shapes_runs, tmp_path):
     original_vqa = table[(table["method"] == "original") & (table["task"] == "shapes_vqa")]["exact_match"].item()
     assert scores.loc[0, "vqa EM"] == original_vqa
     by_kind = pd.read_csv(tmp_path / "embedded_by_kind.csv", keep_default_na=False)
-    # --limit 3 takes the first three docs: vqa kinds colour, shape, count; pope splits random, random, popular
-    assert {"vqa colour", "vqa shape", "vqa count", "pope random", "pope popular"} <= set(by_kind.columns)
+    # --limit 3 takes the first three docs: vqa kinds colour, shape, count; pope splits
+    # random, random, popular; captions of scenes with four, four and one object
+    assert {"vqa colour", "vqa shape", "vqa count", "pope random", "pope popular", "caption 1 object", "caption 4 objects"} <= set(by_kind.columns)
     assert "Run files:" in (tmp_path / "embedded_by_kind.md").read_text()
+    # original and FastV R=0.75: one of the two rates per number of objects (4 and 1 here)
+    headroom = pd.read_csv(tmp_path / "embedded_caption_rate_by_objects.csv")
+    original_cider = table[(table["method"] == "original") & (table["task"] == "shapes_caption")]["shapes_CIDEr"].item()
+    assert headroom["R"].tolist() == [0.0, 0.75]
+    assert headroom.loc[0, "TFLOPs %"] == pytest.approx(100) and headroom.loc[0, "caption CIDEr"] == pytest.approx(original_cider)
+    assert headroom.loc[1, "TFLOPs %"] < 100
+    assert (headroom["best per-objects CIDEr"] >= headroom["caption CIDEr"] - 1e-9).all()
+    assert (headroom["its TFLOPs %"] <= headroom["TFLOPs %"] + 1e-9).all()
+    assert headroom.loc[1, "its R by objects"] in {f"1 object: {a}, 4 objects: {b}" for a in ("0", "0.75") for b in ("0", "0.75")}
 
 
 def test_the_embedded_model_is_the_default_pretrained(tmp_path):
