@@ -12,7 +12,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from dyrate_eval.arch import load_arch
 from dyrate_eval.errors import PruningConfigError
 from dyrate_eval.methods import make_policy
-from dyrate_eval.report import REPORTED_SOURCE, write_report
+from dyrate_eval.report import REPORTED_SOURCE, point_label, write_report
 from dyrate_eval.trace import GROUPS, TRACE_FILE, trace_examples, write_trace
 from .test_dyrate import staircase_predictor
 from .test_harness import run_cli
@@ -53,6 +53,13 @@ def test_every_table_and_figure_is_written(report):
         assert (out / f"{name}.csv").is_file() and (out / f"{name}.md").is_file(), name
     for figure in ("pareto.png", "fig2_attention_by_step.png", "fig3_dyrate_rates.png", "fig4_kept_tokens.png"):
         assert (out / figure).stat().st_size > 10_000, figure
+
+
+def test_figure_labels_name_paths_by_their_last_part():
+    assert point_label("K=2,R=0.5,selection=random") == "K=2 R=0.5 selection=random"
+    assert point_label("predictor=dyrate_eval/predictors/embedded-flops0.6") == "predictor=embedded-flops0.6"
+    assert point_label("criterion=kl,tolerance=0.3,task=shapes_vqa") == "criterion=kl tolerance=0.3"
+    assert point_label("") == ""
 
 
 def test_scores_and_flops_shares_come_from_the_runs(report):
