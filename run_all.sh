@@ -11,11 +11,11 @@
 # the embedded model (trained for FLOPs shares of 0.6 and 0.7: its prefill-heavy FLOPs
 # cannot go much below 0.5 at K=2; trained first if missing); the decoding ablation
 # (DyRate 0.6 captions with beam-2, beam-5 and top-p). Then the layer schedules (below)
-# with a FastV cell at P-Sigmoid's FLOPs, the rate ablation
-# (FixedPrune and DepthBasedPrune at K=2 with the rate that spends DyRate 0.6's FLOPs
-# share on the captions, `dyrate-eval match-rate`), traces of four captions with FastV
-# and DyRate (attention per token group, kept tokens; the report's figures) and the
-# side-by-side benchmarks on the embedded model and on the CPU-scaled 7B shape.
+# with a FastV cell at P-Sigmoid's FLOPs, the rate ablation (FixedPrune and
+# DepthBasedPrune at K=2 with the rate that spends DyRate 0.6's FLOPs share on the
+# captions, `dyrate-eval match-rate`), traces of four captions with FastV and DyRate
+# (attention per token group, kept tokens; the report's figures) and the side-by-side
+# benchmarks on the embedded model and on the CPU-scaled 7B shape.
 #
 # ./run_all.sh --paper --model-7b ID --model-13b ID runs the paper's grid instead, on a
 # GPU machine with network access (lmms-eval's own benchmarks download their data; the

@@ -228,10 +228,15 @@ def caption_rate_by_objects(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str
         if len(by_rate) < 2:
             continue
         costs = {rate: _caption_costs_by_objects(file, docs) for rate, file in by_rate.items()}
+        if len({tuple(c["count"].items()) for c in costs.values()}) > 1:
+            raise PruningConfigError(
+                f"the caption runs of the original and FastV K={k} ({', '.join(by_rate.values())}) did not caption "
+                "the same scenes (another --limit?): the per-objects table compares them sample for sample"
+            )
         files += by_rate.values()
-        groups = sorted(set.intersection(*(set(c.index) for c in costs.values())))
         rates = list(costs)
-        count = sum(costs[rates[0]].loc[g, "count"] for g in groups)
+        groups = list(costs[rates[0]].index)
+        count = costs[rates[0]]["count"].sum()
 
         def total(assignment):
             parts = [costs[rate].loc[group] for group, rate in zip(groups, assignment)]

@@ -3,12 +3,14 @@ whole group through the lmms-eval CLI."""
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from dyrate_eval.results import SHAPES_SCORES, caption_cider_per_sample, write_summary
+from dyrate_eval.errors import PruningConfigError
+from dyrate_eval.results import SHAPES_SCORES, caption_cider_per_sample, caption_rate_by_objects, results_table, write_summary
 from dyrate_eval.shapes_tasks import EVAL_SEED, SCENE_RANGES, write_task_data
 
 from .test_harness import REPO, run_cli
@@ -130,6 +132,16 @@ def test_summary_tables_of_the_shapes_runs(shapes_runs, tmp_path):
     assert (headroom["best per-objects CIDEr"] >= headroom["caption CIDEr"] - 1e-9).all()
     assert (headroom["its TFLOPs %"] <= headroom["TFLOPs %"] + 1e-9).all()
     assert headroom.loc[1, "its R by objects"] in {f"1 object: {a}, 4 objects: {b}" for a in ("0", "0.75") for b in ("0", "0.75")}
+
+
+def test_the_per_objects_table_refuses_runs_of_different_scenes(shapes_runs, tmp_path):
+    out, _ = shapes_runs
+    shutil.copytree(out / "original_llava", tmp_path / "original")
+    shutil.copytree(out / "fastv_llava", tmp_path / "fastv")
+    captions = next((tmp_path / "fastv").glob("**/*_samples_shapes_caption.jsonl"))
+    captions.write_text("".join(captions.read_text().splitlines(keepends=True)[:-1]))  # one caption fewer
+    with pytest.raises(PruningConfigError, match="did not caption the same scenes"):
+        caption_rate_by_objects(results_table([tmp_path]))
 
 
 def test_the_embedded_model_is_the_default_pretrained(tmp_path):
