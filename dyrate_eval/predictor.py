@@ -81,11 +81,6 @@ class RatePredictor(torch.nn.Module):
         features = group_attention.flatten(-2).to(self.linear.weight.dtype)
         return self.linear((features - self.feature_mean) * self.feature_scale)
 
-    def choose(self, group_attention: torch.Tensor) -> torch.Tensor:
-        """The rate of the highest logit, per row: (B, heads, groups) -> (B,)."""
-        rates = torch.tensor(self.rates, device=group_attention.device)
-        return rates[self(group_attention).argmax(-1)]
-
     def choose_keep(self, group_attention: torch.Tensor, n_img: torch.Tensor) -> torch.Tensor:
         """(B,) the image tokens to keep: the count of the highest-logit rate, as training counts it."""
         index = self(group_attention).argmax(-1)

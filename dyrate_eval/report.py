@@ -275,16 +275,16 @@ def write_table(table: pd.DataFrame, out_dir: Path, name: str, sources: list[str
 # -- figures ----------------------------------------------------------------------------------
 
 
+def _short_settings(settings: dict) -> str:
+    """Settings as a figure label: values that are paths by their file or folder name."""
+    return " ".join(f"{key}={Path(value).name if '/' in str(value) else value}" for key, value in settings.items())
+
+
 def point_label(settings: str) -> str:
-    """A run's settings as a short point label: values that are paths by their file or
-    folder name, the calibration task of searched schedules left out."""
-    parts = []
-    for item in filter(None, settings.split(",")):
-        key, _, value = item.partition("=")
-        if key == "task":
-            continue
-        parts.append(f"{key}={Path(value).name}" if "/" in value else item)
-    return " ".join(parts)
+    """A run's settings ("K=2,R=0.5") as a short point label; the calibration task of
+    searched schedules is left out."""
+    pairs = (item.partition("=") for item in filter(None, settings.split(",")))
+    return _short_settings({key: value for key, _, value in pairs if key != "task"})
 
 
 def pareto_figure(tables: dict[str, pd.DataFrame], path: Path) -> None:
@@ -376,7 +376,7 @@ def kept_tokens_figure(traces: list[tuple[Path, dict]], path: Path, steps_shown:
         history = example["kept_slots_by_step"]
         # the rate set is in the trace's policy too; a row names the method and its settings
         settings = {k: v for k, v in trace["policy"].items() if k not in ("method", "rates")}
-        policy = f"{trace['policy'].get('method', '')} {point_label(','.join(f'{k}={v}' for k, v in settings.items()))}"
+        policy = f"{trace['policy'].get('method', '')} {_short_settings(settings)}"
         shown = sorted(set(np.linspace(0, len(history) - 1, steps_shown).round().astype(int)))
         for column, axis in enumerate(axes[row]):
             axis.set_xticks([])

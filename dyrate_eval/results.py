@@ -7,6 +7,7 @@ scores with the method settings that produced them.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from pathlib import Path
@@ -101,9 +102,20 @@ def _object_count(doc: dict) -> str:
     return f"{count} object" + ("s" if count > 1 else "")
 
 
+@functools.lru_cache(maxsize=64)
+def _samples_log(path: Path, modified_ns: int) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def read_samples(path: Path) -> list[dict]:
+    """The samples of an lmms-eval samples log, read once per version of the file: the
+    per-kind and the per-objects tables read the same caption logs."""
+    return _samples_log(path, path.stat().st_mtime_ns)
+
+
 def _per_sample(metric: str):
-    def scores(samples: list[dict]) -> list[float]:
-        values = [sample[metric] for sample in samples]
+    def scores(path: Path) -> list[float]:
+        values = [sample[metric] for sample in read_samples(path)]
         # pope keeps the prediction for its aggregate metrics
         return [float(v["prediction"] == v["truth"]) if isinstance(v, dict) else float(v) for v in values]
 
@@ -126,10 +138,21 @@ def caption_cider_per_sample(samples: list[dict]) -> list[float]:
     return [float(by_index[i]) for i in range(len(entries))]
 
 
+@functools.lru_cache(maxsize=64)
+def _caption_ciders(path: Path, modified_ns: int) -> list[float]:
+    return caption_cider_per_sample(read_samples(path))
+
+
+def caption_ciders(path: Path) -> list[float]:
+    """``caption_cider_per_sample`` of a caption samples log, computed once per version
+    of the file (the tokenizer starts a JVM)."""
+    return _caption_ciders(path, path.stat().st_mtime_ns)
+
+
 # Per-item breakdowns: task -> (what groups an item, from its doc; the items' scores,
-# from the samples log). Captions group by how many objects the scene has.
+# from the samples log's path). Captions group by how many objects the scene has.
 SHAPES_BREAKDOWN = {
-    "shapes_caption": (_object_count, caption_cider_per_sample),
+    "shapes_caption": (_object_count, caption_ciders),
     "shapes_vqa": (lambda doc: doc["kind"], _per_sample("exact_match")),
     "shapes_mcq": (lambda doc: doc["kind"], _per_sample("accuracy")),
     "shapes_pope": (lambda doc: doc["split"], _per_sample("accuracy")),
@@ -175,9 +198,8 @@ def shapes_breakdown(table: pd.DataFrame) -> pd.DataFrame:
             samples_path = samples_file(Path(file), task)
             if not samples_path.exists():
                 raise PruningConfigError(f"{samples_path} is missing: run lmms-eval with --log_samples for the per-kind table")
-            samples = [json.loads(line) for line in samples_path.read_text().splitlines()]
             scores: dict[str, list[float]] = {}
-            for sample, score in zip(samples, scores_of(samples)):
+            for sample, score in zip(read_samples(samples_path), scores_of(samples_path)):
                 scores.setdefault(group_of(docs[task][sample["doc_id"]]), []).append(score)
             short = task.removeprefix("shapes_")
             for group in sorted(scores):
@@ -190,9 +212,8 @@ def _caption_costs_by_objects(file: str, docs: dict) -> pd.DataFrame:
     """Per number of objects: the captions' summed CIDEr, count, and language-model
     TFLOPs pruned and unpruned (from the wrappers' per-sample measurements)."""
     path = samples_file(Path(file), "shapes_caption")
-    samples = [json.loads(line) for line in path.read_text().splitlines()]
     rows = []
-    for sample, cider in zip(samples, caption_cider_per_sample(samples)):
+    for sample, cider in zip(read_samples(path), caption_ciders(path)):
         measured = next(c["dyrate"] for c in sample["token_counts"] if isinstance(c, dict) and "dyrate" in c)
         tflops = measured["tflops_language_model"]
         rows.append({"objects": _object_count(docs[sample["doc_id"]]), "cider": cider, "count": 1,

@@ -4,9 +4,9 @@ Each step takes a batch of (image, prompt, reference answer) examples and runs t
 model teacher-forced on prompt + answer (``hf_llava.TeacherForcedPass``): layers < K
 once without gradients, giving at every step what the predictor observes at layer K-1.
 The predictor's logits over the rates, divided by an annealed temperature, become
-one-hot choices by the straight-through Gumbel-Softmax; each step's kept set follows from the choices with the rule generation
-uses (``predictor.kept_masks``); layers >= K run with those sets as weights on the
-image keys, so the cross-entropy of the reference reaches the choices. The loss adds
+one-hot choices by the straight-through Gumbel-Softmax; each step's kept set follows
+from the choices with the rule generation uses (``predictor.kept_masks``); layers >= K
+run with those sets as weights on the image keys, so the cross-entropy of the reference reaches the choices. The loss adds
 lambda x (expected FLOPs share - target)^2, each sample's share (or the batch's, see
 ``PredictorTrainConfig.flops_constraint``) computed from the expected kept counts with
 the FLOPs count of generation (``flops.kept_count_flops``). Only the predictor learns.

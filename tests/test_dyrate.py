@@ -61,8 +61,8 @@ def dyrate_reference(tiny_dir, inputs, predictor, progressive=True):
     prompt_length = inputs["input_ids"].shape[1]
 
     def decide(row, step, weights):
-        rate = predictor.choose(group_shares(weights, positions[row], prompt_length)[None])
-        return int(torch.round((1 - rate.double()) * len(positions[row])))
+        rate = predictor.rates[int(predictor(group_shares(weights, positions[row], prompt_length)[None]).argmax())]
+        return round((1 - rate) * len(positions[row]))
 
     reference = ProgressiveEviction(eager, K, positions, decide, progressive=progressive)
     tokens, logits, _ = greedy(eager, inputs, NEW, output_attentions=True)
