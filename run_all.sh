@@ -138,6 +138,8 @@ cells=(
   "fastv_K2_R0.9_random|fastv_llava|K=2,R=0.9,selection=random|shapes|"
   "fastv_K3_R0.75|fastv_llava|K=3,R=0.75|shapes|"
   "fastv_K4_R0.75|fastv_llava|K=4,R=0.75|shapes|"
+  "fastv_K1_R0.5|fastv_llava|K=1,R=0.5|shapes|"
+  "fastv_K1_R0.5_random|fastv_llava|K=1,R=0.5,selection=random|shapes|"
   "vtw_default|vtw_llava||shapes|"
   "vtw_K2|vtw_llava|K=2|shapes|"
   "decoding_dyrate_flops0.6_beam2|dyrate_llava|predictor=$predictors/embedded-flops0.6|shapes_caption|num_beams=2"

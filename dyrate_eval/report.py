@@ -61,6 +61,8 @@ AUTO_RATE_METHODS = {"dyrate"}
 # the paper's ablation: one rate for every step, a rate growing with depth, DyRate
 ABLATION_METHODS = ("fixed_prune", "depth_prune", "dyrate")
 KEY = ["source", "model", "method", "settings"]
+# adjustText iterations for the pareto labels (enough for them to settle apart)
+LABEL_ITERATIONS = 300
 # rows and figure colours in this order; searched schedules are shown as their search
 METHOD_ORDER = [*METHODS, *SCHEDULE_SEARCHES]
 # what the report reads from each sample's measurements (see measure.sample_measurements)
@@ -319,8 +321,10 @@ def pareto_figure(tables: dict[str, pd.DataFrame], path: Path) -> None:
         axis.set_title(column)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=6)
-        # runs at nearly the same FLOPs share and score would write their labels over each other
-        adjust_text(labels, ax=axis, arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
+        # runs at nearly the same FLOPs share and score would write their labels over each
+        # other; a fixed number of iterations (adjustText's default is a time limit) draws
+        # the same figure on every run
+        adjust_text(labels, ax=axis, iter_lim=LABEL_ITERATIONS, arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -208,6 +208,34 @@ def shapes_breakdown(table: pd.DataFrame) -> pd.DataFrame:
     return _method_order(pd.DataFrame(records))
 
 
+def caption_content(table: pd.DataFrame) -> pd.DataFrame:
+    """Per run, what its captions say right (``world.caption_content``, averaged): the
+    share whose object count is right and the mean count error (positive: too many),
+    the share of each scene's objects named, wrong objects per caption and the share
+    naming the background right (of the captions that name one). Read from the caption samples logs and the task's docs."""
+    from .shapes_tasks import BUILDERS, scene_from_doc
+    from .world import caption_content as content_of
+
+    scenes = {doc["doc_id"]: scene_from_doc(doc) for doc in BUILDERS["caption"]()}
+    records = []
+    for key, rows in table[table["task"] == "shapes_caption"].groupby(RUN_KEY, sort=False):
+        samples_path = samples_file(Path(rows["file"].iloc[0]), "shapes_caption")
+        if not samples_path.exists():
+            raise PruningConfigError(f"{samples_path} is missing: run lmms-eval with --log_samples for the caption content table")
+        contents = pd.DataFrame([content_of(scenes[s["doc_id"]], s["shapes_CIDEr"]["prediction"]) for s in read_samples(samples_path)])
+        counted = contents["count_error"].dropna()
+        records.append({
+            **dict(zip(RUN_KEY, key)),
+            "captions": len(contents),
+            "count right": float((counted == 0).mean()),
+            "count error": float(counted.mean()),
+            "objects named": float(contents["objects_recalled"].mean()),
+            "wrong objects": float(contents["wrong_objects"].mean()),
+            "background right": float(contents["background_right"].dropna().astype(float).mean()),
+        })
+    return _method_order(pd.DataFrame(records, columns=[*RUN_KEY, "captions", "count right", "count error", "objects named", "wrong objects", "background right"]))
+
+
 def _caption_costs_by_objects(file: str, docs: dict) -> pd.DataFrame:
     """Per number of objects: the captions' summed CIDEr, count, and language-model
     TFLOPs pruned and unpruned (from the wrappers' per-sample measurements)."""
@@ -285,8 +313,9 @@ def _write_table(table: pd.DataFrame, out_dir: Path, name: str, sources: list[st
 def write_summary(paths: list[str | Path], out_dir: str | Path, name: str = "summary") -> pd.DataFrame:
     """``<name>.csv`` and ``<name>.md``: scores per run and task, with the files read.
     Runs of the shapes tasks also get ``<name>_scores`` (a row per method setting) and
-    ``<name>_by_kind`` (per question kind, yes/no split and objects per captioned scene)
-    and, with FastV caption runs at several R, ``<name>_caption_rate_by_objects``."""
+    ``<name>_by_kind`` (per question kind, yes/no split and objects per captioned scene),
+    ``<name>_caption_content`` (what the captions get right) and, with FastV caption runs
+    at several R, ``<name>_caption_rate_by_objects``."""
     table = results_table(paths)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -295,6 +324,9 @@ def write_summary(paths: list[str | Path], out_dir: str | Path, name: str = "sum
     if not shapes.empty:
         _write_table(shapes_scores(shapes), out_dir, f"{name}_scores", shapes["file"].tolist())
         _write_table(shapes_breakdown(shapes), out_dir, f"{name}_by_kind", shapes["file"].tolist())
+        captions = shapes[shapes["task"] == "shapes_caption"]
+        if not captions.empty:
+            _write_table(caption_content(captions), out_dir, f"{name}_caption_content", captions["file"].tolist())
         headroom, files = caption_rate_by_objects(shapes)
         if not headroom.empty:
             _write_table(headroom, out_dir, f"{name}_caption_rate_by_objects", files)

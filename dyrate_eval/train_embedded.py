@@ -106,11 +106,16 @@ class TrainConfig:
 # -- data -------------------------------------------------------------------------------------
 
 
-def patch_labels(scene, mask: np.ndarray) -> dict[str, np.ndarray]:
-    """Per patch (GRID*GRID, raster order): what covers it, as class indices (0 = no object)."""
+def patch_owner(scene, mask: np.ndarray) -> np.ndarray:
+    """Per patch (GRID*GRID, raster order): 1 + the index of the object that covers it, 0 for background."""
     patches = mask.reshape(GRID, PATCH, GRID, PATCH).transpose(0, 2, 1, 3).reshape(GRID * GRID, PATCH * PATCH)
     coverage = np.stack([(patches == i + 1).mean(axis=1) for i in range(len(scene.things))], axis=1)
-    owner = np.where(coverage.max(axis=1) >= PATCH_COVER, coverage.argmax(axis=1) + 1, 0)
+    return np.where(coverage.max(axis=1) >= PATCH_COVER, coverage.argmax(axis=1) + 1, 0)
+
+
+def patch_labels(scene, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Per patch (GRID*GRID, raster order): what covers it, as class indices (0 = no object)."""
+    owner = patch_owner(scene, mask)
     colours, shapes, sizes = list(COLOURS), list(SHAPES), list(SIZES)
 
     def per_object(value_of) -> np.ndarray:

@@ -9,6 +9,7 @@ share both colour and shape, so every question names one object unambiguously.
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -143,12 +144,16 @@ def _vertical(a: Thing, b: Thing) -> str | None:
     return "above" if a.y < b.y else "below"
 
 
+def background_phrase(scene: Scene) -> str:
+    return f"{scene.background} background" if scene.texture == "plain" else f"{scene.background} {scene.texture} background"
+
+
 def captions(scene: Scene) -> list[str]:
     """Several reference captions in different phrasings, as caption benchmarks have."""
     things = sorted(scene.things, key=lambda t: t.x)
     count = NUMBERS[len(things)]
     plural = "shape" if len(things) == 1 else "shapes"
-    background = f"{scene.background} background" if scene.texture == "plain" else f"{scene.background} {scene.texture} background"
+    background = background_phrase(scene)
     result = [
         f"{_listing(things)} on a {background}.",
         f"there {'is' if len(things) == 1 else 'are'} {count} {plural} on a {background}: {_listing(things)}.",
@@ -160,6 +165,31 @@ def captions(scene: Scene) -> list[str]:
         if side:
             result.append(f"a {things[0].name} to the {side} of a {things[-1].name} on a {background}.")
     return [text[0].upper() + text[1:] for text in result]
+
+
+_OBJECT_MENTION = re.compile(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b")
+# the one reference phrasing that names two objects whatever the scene holds
+_RELATION = re.compile(r"\bto the (?:left|right) of\b")
+
+
+def caption_content(scene: Scene, caption: str) -> dict:
+    """What a caption says right about its scene, read with the world's vocabulary.
+
+    ``count_error``: objects mentioned minus objects in the scene (None for the
+    "X to the left of Y" phrasing, which names two whatever the scene holds);
+    ``objects_recalled``: the share of the scene's objects the caption names (colour and
+    shape; a caption naming one object three times recalls one); ``wrong_objects``: the
+    distinct objects named that the scene does not hold; ``background_right``: whether
+    it names the background's colour and texture (None when it names no background)."""
+    text = caption.lower()
+    mentions = _OBJECT_MENTION.findall(text)
+    named, present = set(mentions), {(thing.colour, thing.shape) for thing in scene.things}
+    return {
+        "count_error": None if _RELATION.search(text) else len(mentions) - len(present),
+        "objects_recalled": len(named & present) / len(present),
+        "wrong_objects": len(named - present),
+        "background_right": bool(re.search(rf"\b{background_phrase(scene)}\b", text)) if "background" in text else None,
+    }
 
 
 def short_questions(scene: Scene, rng: random.Random) -> list[dict]:

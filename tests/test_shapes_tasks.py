@@ -11,7 +11,8 @@ import pytest
 
 from dyrate_eval.errors import PruningConfigError
 from dyrate_eval.results import SHAPES_SCORES, caption_cider_per_sample, caption_rate_by_objects, results_table, write_summary
-from dyrate_eval.shapes_tasks import EVAL_SEED, SCENE_RANGES, write_task_data
+from dyrate_eval.shapes_tasks import BUILDERS, EVAL_SEED, SCENE_RANGES, scene_from_doc, write_task_data
+from dyrate_eval.world import caption_content
 
 from .test_harness import REPO, run_cli
 
@@ -123,6 +124,13 @@ def test_summary_tables_of_the_shapes_runs(shapes_runs, tmp_path):
     # random, random, popular; captions of scenes with four, four and one object
     assert {"vqa colour", "vqa shape", "vqa count", "pope random", "pope popular", "caption 1 object", "caption 4 objects"} <= set(by_kind.columns)
     assert "Run files:" in (tmp_path / "embedded_by_kind.md").read_text()
+    content = pd.read_csv(tmp_path / "embedded_caption_content.csv", keep_default_na=False)
+    original_captions = next((out / "original_llava").glob("**/*_samples_shapes_caption.jsonl"))
+    scenes = {doc["doc_id"]: scene_from_doc(doc) for doc in BUILDERS["caption"]()}
+    recalled = [caption_content(scenes[s["doc_id"]], s["shapes_CIDEr"]["prediction"])["objects_recalled"]
+                for s in map(json.loads, original_captions.read_text().splitlines())]
+    assert content["method"].tolist() == ["original", "fastv", "vtw"] and content["captions"].tolist() == [3] * 3
+    assert content.loc[0, "objects named"] == pytest.approx(sum(recalled) / 3)
     # original and FastV R=0.75: one of the two rates per number of objects (4 and 1 here)
     headroom = pd.read_csv(tmp_path / "embedded_caption_rate_by_objects.csv")
     original_cider = table[(table["method"] == "original") & (table["task"] == "shapes_caption")]["shapes_CIDEr"].item()

@@ -5,7 +5,8 @@ import random
 import numpy as np
 
 from dyrate_eval.world import (
-    COLOURS, LETTERS, captions, mcq_questions, object_frequencies, pope_questions, render, sample_scene, short_questions,
+    COLOURS, LETTERS, Scene, Thing, caption_content, captions, mcq_questions, object_frequencies, pope_questions, render,
+    sample_scene, short_questions,
 )
 
 SCENES = range(60)
@@ -83,3 +84,26 @@ def test_captions_name_every_object():
         assert len(references) >= 4
         for thing in scene.things:
             assert all(thing.name in caption.replace("small ", "").replace("large ", "") for caption in references[:4])
+
+
+def test_caption_content_reads_the_references_as_right():
+    for scene_id in SCENES:
+        scene = sample_scene(scene_id)
+        for caption in captions(scene)[:3]:  # the listing phrasings
+            assert caption_content(scene, caption) == {"count_error": 0, "objects_recalled": 1.0, "wrong_objects": 0, "background_right": True}
+        # "an image of N shapes, ..., from left to right" names no background
+        assert caption_content(scene, captions(scene)[3]) == {"count_error": 0, "objects_recalled": 1.0, "wrong_objects": 0, "background_right": None}
+        for caption in captions(scene)[4:]:  # "X to the left of Y": no count read from it
+            assert caption_content(scene, caption)["count_error"] is None
+
+
+def test_caption_content_scores_what_a_caption_gets_wrong():
+    things = (Thing("red", "circle", "small", 30, 30), Thing("blue", "square", "large", 90, 90), Thing("green", "cross", "small", 140, 40))
+    scene = Scene(0, "black", "stripes", things)
+    repeated = "A black stripes background with a small red circle, a small red circle, a small red circle and a large pink diamond."
+    assert caption_content(scene, repeated) == {"count_error": 1, "objects_recalled": 1 / 3, "wrong_objects": 1, "background_right": True}
+    # the plain background's phrase is not read inside the textured one's, nor the reverse
+    assert not caption_content(scene, "A red circle on a black background.")["background_right"]
+    plain = Scene(0, "black", "plain", things)
+    assert not caption_content(plain, "A red circle on a black stripes background.")["background_right"]
+    assert caption_content(plain, "A red circle on a black background.")["count_error"] == -2
