@@ -208,13 +208,14 @@ def shapes_breakdown(table: pd.DataFrame) -> pd.DataFrame:
     return _method_order(pd.DataFrame(records))
 
 
-def caption_content(table: pd.DataFrame) -> pd.DataFrame:
+def caption_content_table(table: pd.DataFrame) -> pd.DataFrame:
     """Per run, what its captions say right (``world.caption_content``, averaged): the
     share whose object count is right and the mean count error (positive: too many),
     the share of each scene's objects named, wrong objects per caption and the share
-    naming the background right (of the captions that name one). Read from the caption samples logs and the task's docs."""
+    naming the background right (of the captions that name one). Read from the caption
+    samples logs and the task's docs."""
     from .shapes_tasks import BUILDERS, scene_from_doc
-    from .world import caption_content as content_of
+    from .world import caption_content
 
     scenes = {doc["doc_id"]: scene_from_doc(doc) for doc in BUILDERS["caption"]()}
     records = []
@@ -222,7 +223,7 @@ def caption_content(table: pd.DataFrame) -> pd.DataFrame:
         samples_path = samples_file(Path(rows["file"].iloc[0]), "shapes_caption")
         if not samples_path.exists():
             raise PruningConfigError(f"{samples_path} is missing: run lmms-eval with --log_samples for the caption content table")
-        contents = pd.DataFrame([content_of(scenes[s["doc_id"]], s["shapes_CIDEr"]["prediction"]) for s in read_samples(samples_path)])
+        contents = pd.DataFrame([caption_content(scenes[s["doc_id"]], s["shapes_CIDEr"]["prediction"]) for s in read_samples(samples_path)])
         counted = contents["count_error"].dropna()
         records.append({
             **dict(zip(RUN_KEY, key)),
@@ -326,7 +327,7 @@ def write_summary(paths: list[str | Path], out_dir: str | Path, name: str = "sum
         _write_table(shapes_breakdown(shapes), out_dir, f"{name}_by_kind", shapes["file"].tolist())
         captions = shapes[shapes["task"] == "shapes_caption"]
         if not captions.empty:
-            _write_table(caption_content(captions), out_dir, f"{name}_caption_content", captions["file"].tolist())
+            _write_table(caption_content_table(captions), out_dir, f"{name}_caption_content", captions["file"].tolist())
         headroom, files = caption_rate_by_objects(shapes)
         if not headroom.empty:
             _write_table(headroom, out_dir, f"{name}_caption_rate_by_objects", files)
