@@ -181,13 +181,27 @@ def samples_file(results_file: Path, task: str) -> Path:
     return results_file.with_name(results_file.name.replace("_results.json", f"_samples_{task}.jsonl"))
 
 
+def _logged_samples_path(results_file: str, task: str, table_name: str) -> Path:
+    """The samples log of ``task`` beside a results file, which ``table_name`` reads."""
+    path = samples_file(Path(results_file), task)
+    if not path.exists():
+        raise PruningConfigError(f"{path} is missing: run lmms-eval with --log_samples for the {table_name}")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _task_docs(task: str) -> dict[int, dict]:
+    """The docs of an embedded task ("shapes_caption", ...) by doc_id, generated once:
+    every per-item table joins its samples with them."""
+    from .shapes_tasks import BUILDERS
+
+    return {doc["doc_id"]: doc for doc in BUILDERS[task.removeprefix("shapes_")]()}
+
+
 def shapes_breakdown(table: pd.DataFrame) -> pd.DataFrame:
     """Scores per question kind (vqa, mcq), per negative-sampling split (pope) and caption
     CIDEr per number of objects in the scene, from the samples logs (runs need
     --log_samples) joined with the tasks' docs."""
-    from .shapes_tasks import BUILDERS
-
-    docs = {f"shapes_{name}": {doc["doc_id"]: doc for doc in build()} for name, build in BUILDERS.items()}
     records = []
     for key, rows in table.groupby(RUN_KEY, sort=False):
         record = dict(zip(RUN_KEY, key))
@@ -195,12 +209,10 @@ def shapes_breakdown(table: pd.DataFrame) -> pd.DataFrame:
             if task not in SHAPES_BREAKDOWN:
                 continue
             group_of, scores_of = SHAPES_BREAKDOWN[task]
-            samples_path = samples_file(Path(file), task)
-            if not samples_path.exists():
-                raise PruningConfigError(f"{samples_path} is missing: run lmms-eval with --log_samples for the per-kind table")
+            samples_path = _logged_samples_path(file, task, "per-kind table")
             scores: dict[str, list[float]] = {}
             for sample, score in zip(read_samples(samples_path), scores_of(samples_path)):
-                scores.setdefault(group_of(docs[task][sample["doc_id"]]), []).append(score)
+                scores.setdefault(group_of(_task_docs(task)[sample["doc_id"]]), []).append(score)
             short = task.removeprefix("shapes_")
             for group in sorted(scores):
                 record[f"{short} {group}"] = sum(scores[group]) / len(scores[group])
@@ -214,15 +226,13 @@ def caption_content_table(table: pd.DataFrame) -> pd.DataFrame:
     the share of each scene's objects named, wrong objects per caption and the share
     naming the background right (of the captions that name one). Read from the caption
     samples logs and the task's docs."""
-    from .shapes_tasks import BUILDERS, scene_from_doc
+    from .shapes_tasks import scene_from_doc
     from .world import caption_content
 
-    scenes = {doc["doc_id"]: scene_from_doc(doc) for doc in BUILDERS["caption"]()}
+    scenes = {doc_id: scene_from_doc(doc) for doc_id, doc in _task_docs("shapes_caption").items()}
     records = []
     for key, rows in table[table["task"] == "shapes_caption"].groupby(RUN_KEY, sort=False):
-        samples_path = samples_file(Path(rows["file"].iloc[0]), "shapes_caption")
-        if not samples_path.exists():
-            raise PruningConfigError(f"{samples_path} is missing: run lmms-eval with --log_samples for the caption content table")
+        samples_path = _logged_samples_path(rows["file"].iloc[0], "shapes_caption", "caption content table")
         contents = pd.DataFrame([caption_content(scenes[s["doc_id"]], s["shapes_CIDEr"]["prediction"]) for s in read_samples(samples_path)])
         counted = contents["count_error"].dropna()
         records.append({
@@ -237,10 +247,11 @@ def caption_content_table(table: pd.DataFrame) -> pd.DataFrame:
     return _method_order(pd.DataFrame(records, columns=[*RUN_KEY, "captions", "count right", "count error", "objects named", "wrong objects", "background right"]))
 
 
-def _caption_costs_by_objects(file: str, docs: dict) -> pd.DataFrame:
+def _caption_costs_by_objects(file: str) -> pd.DataFrame:
     """Per number of objects: the captions' summed CIDEr, count, and language-model
     TFLOPs pruned and unpruned (from the wrappers' per-sample measurements)."""
-    path = samples_file(Path(file), "shapes_caption")
+    path = _logged_samples_path(file, "shapes_caption", "per-objects table")
+    docs = _task_docs("shapes_caption")
     rows = []
     for sample, cider in zip(read_samples(path), caption_ciders(path)):
         measured = next(c["dyrate"] for c in sample["token_counts"] if isinstance(c, dict) and "dyrate" in c)
@@ -260,8 +271,6 @@ def caption_rate_by_objects(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str
     that sets the prefill rate from how many objects an image holds, as a learned
     per-image rate (DyRate) might. Returns the table (empty without such runs) and the
     run files it read."""
-    from .shapes_tasks import BUILDERS
-
     captions = table[(table["task"] == "shapes_caption") & (table["decoding"] == "greedy")]
     original: dict[float, str] = {}  # R = 0
     fastv: dict[str, dict[float, str]] = {}  # K -> R -> file
@@ -271,13 +280,12 @@ def caption_rate_by_objects(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str
             original[0.0] = file
         elif method == "fastv" and args.get("selection", "attention") == "attention" and {"K", "R"} <= set(args):
             fastv.setdefault(args["K"], {})[float(args["R"])] = file
-    docs = {doc["doc_id"]: doc for doc in BUILDERS["caption"]()}
     rows, files = [], []
     for k, by_rate in fastv.items():
         by_rate = dict(sorted({**original, **by_rate}.items()))
         if len(by_rate) < 2:
             continue
-        costs = {rate: _caption_costs_by_objects(file, docs) for rate, file in by_rate.items()}
+        costs = {rate: _caption_costs_by_objects(file) for rate, file in by_rate.items()}
         if len({tuple(c["count"].items()) for c in costs.values()}) > 1:
             raise PruningConfigError(
                 f"the caption runs of the original and FastV K={k} ({', '.join(by_rate.values())}) did not caption "
@@ -302,6 +310,7 @@ def caption_rate_by_objects(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str
                 "its R by objects": ", ".join(f"{g}: {r:g}" for g, r in zip(groups, best)),
             })
     return pd.DataFrame(rows), files
+
 
 def _write_table(table: pd.DataFrame, out_dir: Path, name: str, sources: list[str]) -> None:
     table.to_csv(out_dir / f"{name}.csv", index=False)

@@ -6,10 +6,12 @@ once without gradients, giving at every step what the predictor observes at laye
 The predictor's logits over the rates, divided by an annealed temperature, become
 one-hot choices by the straight-through Gumbel-Softmax; each step's kept set follows
 from the choices with the rule generation uses (``predictor.kept_masks``); layers >= K
-run with those sets as weights on the image keys, so the cross-entropy of the reference reaches the choices. The loss adds
-lambda x (expected FLOPs share - target)^2, each sample's share (or the batch's, see
-``PredictorTrainConfig.flops_constraint``) computed from the expected kept counts with
-the FLOPs count of generation (``flops.kept_count_flops``). Only the predictor learns.
+run with those sets as weights on the image keys, so the cross-entropy of the
+reference reaches the choices. The loss adds lambda x (expected FLOPs share -
+target)^2, each sample's share (or the batch's, see
+``PredictorTrainConfig.flops_constraint``) computed from the expected kept counts
+with the FLOPs count of generation (``flops.kept_count_flops``). Only the predictor
+learns.
 
 Training data: ``shapes`` (the procedural world's training scenes: captions, short
 answers, yes/no and multiple choice, the embedded model's own training seed),

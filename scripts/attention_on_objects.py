@@ -21,11 +21,13 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from dyrate_eval.embedded import EMBEDDED_MODEL_DIR
 from dyrate_eval.prompts import llava_prompt
+from dyrate_eval.ranking import top_slots
 from dyrate_eval.shapes_tasks import CAPTION_PROMPT, EVAL_SEED, SCENE_RANGES
 from dyrate_eval.train_embedded import patch_owner
 from dyrate_eval.world import render, sample_scene
 
 RANDOM_DRAWS = 200
+RATE = 0.5
 
 
 def objects_missed(owner: np.ndarray, kept: np.ndarray) -> int:
@@ -54,19 +56,19 @@ def main() -> None:
         with torch.no_grad():
             attentions = model(**inputs, output_attentions=True).attentions
         image_rows = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
-        keep = len(image_rows) // 2
-        random_missed = np.mean([objects_missed(owner, rng.permutation(len(owner))[:keep]) for _ in range(RANDOM_DRAWS)])
+        keep = round((1 - RATE) * len(image_rows))  # FastV's keep count
+        random_missed = np.mean([objects_missed(owner, rng.permutation(len(owner)) < keep) for _ in range(RANDOM_DRAWS)])
         per_layer = []
         for attention in attentions:
             score = attention[0, :, -1, image_rows].mean(0)
-            score = (score / score.sum()).numpy()
-            kept = np.argsort(-score, kind="stable")[:keep]
-            per_layer.append((score[on_object].sum(), on_object[kept].sum() / max(on_object.sum(), 1),
+            score = score / score.sum()
+            kept = top_slots(score[None], torch.ones_like(score[None], dtype=torch.bool), torch.tensor([keep]))[0].numpy()
+            per_layer.append((float(score[torch.from_numpy(on_object)].sum()), on_object[kept].sum() / max(on_object.sum(), 1),
                               objects_missed(owner, kept), random_missed))
         rows.append(per_layer)
     table = np.array(rows).mean(axis=0)
     print(f"{args.scenes} caption scenes; object patches: {np.mean(cover):.1%} of the image tokens; "
-          f"FastV columns keep the top half by the layer's attention (K = layer + 1, R = 0.5)")
+          f"FastV columns keep the top {1 - RATE:.0%} by the layer's attention (K = layer + 1, R = {RATE:g})")
     print("layer | attention on objects | object patches kept | objects with no patch kept (random half)")
     for layer, (on_objects, kept, missed, random_missed) in enumerate(table):
         print(f"{layer:5d} | {on_objects:20.1%} | {kept:19.1%} | {missed:.2f} ({random_missed:.2f})")
