@@ -167,6 +167,13 @@ cell_starts() {
   echo "[$index/$total] $1: running${3:+ (log: $3)}"
   started=$SECONDS
 }
+# What a failed step said ($1: its log): the last traceback (lmms-eval logs it and still
+# exits 0), else the log's last lines.
+show_error() {
+  local from
+  from=$(grep -n '^Traceback' "$1" | tail -n 1 | cut -d: -f1)
+  if [ -n "$from" ]; then tail -n "+$from" "$1" | head -n 40 >&2; else tail -n 20 "$1" >&2; fi
+}
 # One lmms-eval cell: name | lmms-eval model | model_args | tasks | gen_kwargs.
 run_cell() {
   local name lmms_model model_args tasks gen_kwargs out
@@ -183,7 +190,7 @@ run_cell() {
   # lmms-eval exits 0 even when evaluation fails: the results file is the only proof.
   if [ -z "$(find "$out.partial" -name '*_results.json')" ]; then
     echo "[$index/$total] $name: FAILED, no results file; log: $out.partial/log.txt" >&2
-    tail -n 20 "$out.partial/log.txt" >&2
+    show_error "$out.partial/log.txt"
     exit 1
   fi
   mv "$out.partial" "$out"
@@ -218,7 +225,7 @@ if [ "$paper" = 0 ]; then
     mkdir -p "$schedules"
     if ! "$bin/dyrate-eval" "$@" --out "$out" >"${out%.json}.log" 2>&1; then
       echo "search ${out##*/}: FAILED; log: ${out%.json}.log" >&2
-      tail -n 20 "${out%.json}.log" >&2
+      show_error "${out%.json}.log"
       exit 1
     fi
     echo "search ${out##*/}: done in $((SECONDS - started)) s"

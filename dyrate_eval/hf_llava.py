@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import transformers
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -44,6 +45,52 @@ from .plan import GROUPS, ExecutedPlan
 from .ranking import top_slots
 
 _STATE_ATTR = "_dyrate_generation_state"
+
+# The oldest and newest transformers releases the test suite passed on (pyproject.toml's
+# floor and the version in requirements.lock; tests/test_install.py keeps them in step).
+TESTED_TRANSFORMERS = ("5.20.0", "5.24.0")
+
+
+def _parameters(function) -> set[str]:
+    return set(inspect.signature(function).parameters)
+
+
+def _refuse_drift(problem: str):
+    low, high = TESTED_TRANSFORMERS
+    raise PruningConfigError(
+        f"transformers {transformers.__version__} {problem}; the pruning core was tested with transformers "
+        f"{low} to {high}: install the tested set (README, Install) or report the change"
+    )
+
+
+@functools.cache
+def _cache_argument(language_class: type, layer_class: type) -> str:
+    """The name under which the installed transformers passes the KV cache to the language
+    model, its decoder layers and ``create_causal_mask`` (``past_key_values`` up to 5.23,
+    ``cache`` from 5.24), after checking every interface the executor relies on; an
+    interface that moved is refused here, before it can fail later in an unrelated way."""
+    model_arguments = _parameters(language_class.forward)
+    names = [name for name in ("cache", "past_key_values") if name in model_arguments]
+    if not names:
+        _refuse_drift(f"passes {language_class.__name__}.forward no KV cache argument the core knows (cache, past_key_values)")
+    name = names[0]
+    wanted = {
+        f"{layer_class.__name__}.forward": (layer_class.forward, {"hidden_states", "attention_mask", "position_ids",
+                                                                  "position_embeddings", "use_cache", name}),
+        "masking_utils.create_causal_mask": (create_causal_mask, {"config", "inputs_embeds", "attention_mask",
+                                                                  "position_ids", "layer_idx", name}),
+    }
+    for where, (function, arguments) in wanted.items():
+        missing = arguments - _parameters(function)
+        if missing:
+            _refuse_drift(f"changed the arguments of {where} (missing: {', '.join(sorted(missing))})")
+    if name not in BaseModelOutputWithPast.__dataclass_fields__:
+        _refuse_drift(f"has no field {name!r} in BaseModelOutputWithPast")
+    if not callable(getattr(AttentionInterface, "register", None)):
+        _refuse_drift("has no AttentionInterface.register (the attention-function registry)")
+    if not hasattr(DynamicCache(), "layers"):
+        _refuse_drift("keeps DynamicCache's keys and values elsewhere than in DynamicCache.layers")
+    return name
 
 
 @dataclass
@@ -173,9 +220,9 @@ class _MaskCache:
             config=model.config,
             inputs_embeds=hidden,
             attention_mask=key_mask,
-            past_key_values=cache,
             position_ids=None,  # gapped original ids would read as packed sequences
             layer_idx=layer_idx,
+            **{model._dyrate_cache_argument: cache},
         )
         self._built.append((layout, mask))
         return mask
@@ -216,20 +263,12 @@ class _PrunedDecoderMixin:
 
     _dyrate_policy: PruningPolicy
     _dyrate_image_token_id: int
+    _dyrate_cache_argument: str
     _dyrate_prompt_ids: torch.Tensor | None
     _dyrate_rotary: Callable
     last_plan: ExecutedPlan | None
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        use_cache=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None, **kwargs):
         for flag in ("output_attentions", "output_hidden_states"):
             if kwargs.pop(flag, False):
                 raise PruningConfigError(
@@ -241,17 +280,18 @@ class _PrunedDecoderMixin:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache is None:
             use_cache = self.config.use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        state = getattr(past_key_values, _STATE_ATTR, None)
+        cache = kwargs.pop(self._dyrate_cache_argument, None)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        state = getattr(cache, _STATE_ATTR, None)
         if attention_mask is not None:
             attention_mask = attention_mask.to(torch.bool)
         if state is None:
-            hidden = self._dyrate_prefill(inputs_embeds, attention_mask, position_ids, past_key_values, kwargs)
+            hidden = self._dyrate_prefill(inputs_embeds, attention_mask, position_ids, cache, kwargs)
         else:
-            hidden = self._dyrate_decode(state, inputs_embeds, attention_mask, position_ids, past_key_values, kwargs)
+            hidden = self._dyrate_decode(state, inputs_embeds, attention_mask, position_ids, cache, kwargs)
         return BaseModelOutputWithPast(
-            last_hidden_state=self.norm(hidden), past_key_values=past_key_values if use_cache else None
+            last_hidden_state=self.norm(hidden), **{self._dyrate_cache_argument: cache if use_cache else None}
         )
 
     # -- prefill -------------------------------------------------------------------
@@ -320,8 +360,8 @@ class _PrunedDecoderMixin:
                 position_embeddings=(cos, sin),
                 # gapped original ids would read as packed sequences to some kernels
                 position_ids=position_ids if layout is full_layout else None,
-                past_key_values=cache,
                 use_cache=cache is not None,
+                **{self._dyrate_cache_argument: cache},
                 **kwargs,
             )
         self._dyrate_record_step(state, attention_mask, new_tokens=length)
@@ -361,8 +401,8 @@ class _PrunedDecoderMixin:
                 attention_mask=masks.get(self, hidden, state.layouts[layer_idx], attention_mask, cache, layer_idx),
                 position_embeddings=(cos, sin),
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=True,
+                **{self._dyrate_cache_argument: cache},
                 **kwargs,
             )
         self._dyrate_record_step(state, attention_mask, new_tokens)
@@ -529,7 +569,12 @@ def _language_model(model):
             f"pruning needs Llama-style attention layers (q_proj, k_proj, head_dim, scaling); "
             f"got {type(attn).__name__}"
         )
+    _cache_argument_of(language_model)
     return inner, language_model
+
+
+def _cache_argument_of(language_model) -> str:
+    return _cache_argument(_own_class(language_model), type(language_model.layers[0]))
 
 
 def model_arch(model) -> Arch:
@@ -583,9 +628,10 @@ def install(model, policy: PruningPolicy):
         language_model._dyrate_prompt_ids = None
         language_model.last_plan = None
         token_id = image_token_id(model.config)
+        cache_argument = language_model._dyrate_cache_argument = _cache_argument_of(language_model)
 
         def capture_prompt(module, args, kwargs):
-            cache = kwargs.get("past_key_values")
+            cache = kwargs.get(cache_argument)
             if cache is not None and getattr(cache, _STATE_ATTR, None) is not None:
                 return  # a decode step: the image span is already known
             input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -614,7 +660,8 @@ def uninstall(model):
         language_model._dyrate_hook.remove()
         del model.generate  # the instance wrapper; the class method shows again
         language_model.__class__ = _own_class(language_model)
-        for name in ("_dyrate_policy", "_dyrate_rotary", "_dyrate_prompt_ids", "_dyrate_image_token_id", "_dyrate_hook", "last_plan"):
+        for name in ("_dyrate_policy", "_dyrate_rotary", "_dyrate_prompt_ids", "_dyrate_image_token_id", "_dyrate_hook",
+                     "_dyrate_cache_argument", "last_plan"):
             delattr(language_model, name)
     return model
 
@@ -714,7 +761,7 @@ class TeacherForcedPass:
             self._rotary = language_model.rotary_emb(hidden, self._position_ids)
             self._causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
             mask = create_causal_mask(config=language_model.config, inputs_embeds=hidden, attention_mask=None,
-                                      past_key_values=None, position_ids=None)
+                                      position_ids=None, **{_cache_argument_of(language_model): None})
             for layer in language_model.layers[:K]:
                 layer_input = hidden
                 hidden = layer(hidden, attention_mask=mask, position_embeddings=self._rotary, position_ids=self._position_ids)

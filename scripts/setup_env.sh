@@ -1,15 +1,33 @@
 #!/usr/bin/env bash
-# Create (or reuse) the virtual environment .venv in the repository root and install
-# the project with everything it needs. Safe to run again: it reinstalls only when
-# pyproject.toml or this script changed.
+# Create (or reuse) a virtual environment and install the project with everything it
+# needs, from requirements.lock: exactly the dependency set the tests passed on, with no
+# resolution (so a newer upstream release cannot slip in). Safe to run again: it
+# reinstalls only when the lock, pyproject.toml or this script changed.
+#   scripts/setup_env.sh                   .venv in the repository root, from the lock
+#   scripts/setup_env.sh --venv DIR        another environment
+#   scripts/setup_env.sh --venv DIR --latest
+#                                          the newest versions pyproject.toml allows instead
+#                                          of the lock (scripts/check_versions.sh latest)
 #
-# torch: an existing torch in .venv is kept (a GPU machine brings its own CUDA build);
-# where none is installed, torch==2.13.0 is installed first and pinned while the rest
-# installs, so that no dependency drags in another torch with its CUDA packages.
+# torch: an existing torch in the environment is kept (a GPU machine brings its own CUDA
+# build); where none is installed, scripts/torch-cpu.txt's version is installed first and
+# held while the rest installs, so that no dependency drags in another torch with its CUDA
+# packages. torchvision is not installed: lmms-eval lists it, but the build pip finds for
+# a CPU torch breaks on import (operator torchvision::nms does not exist), and
+# transformers works without it (Pillow image processors).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 venv="$root/.venv"
+latest=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --venv) venv=$2; shift ;;
+    --latest) latest=1 ;;
+    *) echo "setup_env.sh: unknown argument $1 (allowed: --venv DIR, --latest)" >&2; exit 2 ;;
+  esac
+  shift
+done
 python="$venv/bin/python"
 
 if [ ! -x "$python" ]; then
@@ -18,26 +36,36 @@ if [ ! -x "$python" ]; then
 fi
 
 stamp="$venv/.dyrate-eval-installed"
-want="$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -d' ' -f1)"
+want="$(cat requirements.lock pyproject.toml scripts/torch-cpu.txt scripts/setup_env.sh | sha256sum | cut -d' ' -f1) latest=$latest"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 
 if ! "$python" -c "import torch" 2>/dev/null; then
-  echo "[setup] installing torch==2.13.0"
-  "$python" -m pip install --quiet torch==2.13.0
+  echo "[setup] installing $(cat scripts/torch-cpu.txt)"
+  "$python" -m pip install --quiet -r scripts/torch-cpu.txt
 fi
 torch_version="$("$python" -c "import torch; print(torch.__version__)" 2>/dev/null)"
-constraints="$venv/torch-constraint.txt"
-echo "torch==${torch_version}" > "$constraints"
+held="$venv/torch-constraint.txt"
+echo "torch==${torch_version}" > "$held"
 
-echo "[setup] installing dyrate-eval and its dependencies (torch stays at $torch_version)"
-"$python" -m pip install --quiet -c "$constraints" -e ".[test]"
+if [ "$latest" = 1 ]; then
+  echo "[setup] installing dyrate-eval with the newest dependencies pyproject.toml allows (torch stays at $torch_version)"
+  "$python" -m pip install --quiet --upgrade --upgrade-strategy eager -c "$held" -e ".[test]"
+else
+  echo "[setup] installing the locked dependency set (requirements.lock; torch stays at $torch_version)"
+  "$python" -m pip install --quiet --no-deps -r requirements.lock
+  "$python" -m pip install --quiet --no-deps -e .
+  # the lock holds every dependency, resolved together: anything pip check reports beyond
+  # the torchvision that is left out on purpose means the lock is out of step with pyproject.toml
+  if problems=$("$python" -m pip check 2>&1 | grep -v "requires torchvision, which is not installed" | grep -v "^No broken requirements"); then
+    echo "[setup] warning: the installed set is inconsistent (regenerate the lock: scripts/lock.sh):" >&2
+    echo "$problems" >&2
+  fi
+fi
 
-# lmms-eval depends on torchvision; the build pip finds for a CPU-only torch is a CUDA
-# build that breaks on import (operator torchvision::nms does not exist), and timm,
-# which accelerate's CLI imports, needs it. transformers works without torchvision
-# (Pillow image processors), so an unusable torchvision is removed with timm.
+# An environment made before the lock (or by --latest) may hold the broken torchvision,
+# and timm, which imports it.
 if "$python" -m pip show --quiet torchvision >/dev/null 2>&1 && ! "$python" -c "import torchvision" >/dev/null 2>&1; then
   echo "[setup] removing torchvision and timm: this torchvision does not work with torch $torch_version"
   "$python" -m pip uninstall --quiet -y torchvision timm

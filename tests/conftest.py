@@ -1,4 +1,5 @@
 import os
+from importlib import metadata
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -9,6 +10,13 @@ from PIL import Image
 
 from dyrate_eval.prompts import llava_prompt
 from dyrate_eval.tiny_model import save_tiny_llava
+
+
+def pytest_report_header(config):
+    import transformers  # the one that imports: check_versions.sh may lay another over the installed one
+
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "lmms-eval": metadata.version("lmms-eval")}
+    return "dyrate-eval tested on " + ", ".join(f"{name} {version}" for name, version in versions.items())
 
 
 @pytest.fixture(scope="session")

@@ -18,13 +18,26 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE_DOCS = 8
 
 
-def run_cli(args, out_dir, launcher=None):
+def run_error(log: str, lines: int = 40) -> str:
+    """What a failed run said: its last traceback (lmms-eval logs it and exits 0), else
+    the end of its log."""
+    tail = log.splitlines()
+    starts = [i for i, line in enumerate(tail) if line.startswith("Traceback")]
+    return "\n".join(tail[starts[-1]:][:lines] if starts else tail[-lines:])
+
+
+def run_cli(args, out_dir, launcher=None, expect_results=True):
+    """Run the lmms-eval CLI; unless ``expect_results`` is False, a run that wrote no
+    results file fails the test with the run's own error."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     command = (launcher or [sys.executable, "-m", "lmms_eval"]) + [
         *args, "--include_path", str(REPO / "tasks"), "--output_path", str(out_dir), "--log_samples", "--timezone", "UTC",
     ]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    return done.stdout + done.stderr
+    log = done.stdout + done.stderr
+    if expect_results and not list(Path(out_dir).glob("**/*_results.json")):
+        pytest.fail(f"lmms-eval wrote no results file in {out_dir}; the run said:\n{run_error(log)}", pytrace=False)
+    return log
 
 
 def read_samples(out_dir):
@@ -125,7 +138,8 @@ def test_two_process_data_parallel_run_splits_the_docs_and_matches(single_run, t
     ],
 )
 def test_bad_settings_through_the_cli(tiny_dir, tmp_path, model, model_args, message):
-    log = run_cli(["--model", model, "--model_args", f"pretrained={tiny_dir},{model_args}", "--tasks", "dyrate_smoke"], tmp_path)
+    log = run_cli(["--model", model, "--model_args", f"pretrained={tiny_dir},{model_args}", "--tasks", "dyrate_smoke"], tmp_path,
+                  expect_results=False)
     assert message in log
     assert not list(tmp_path.glob("**/*_results.json"))
     assert "Loading weights" not in log, "the settings must be refused before the weights load"
