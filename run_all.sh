@@ -26,19 +26,44 @@
 # train-predictor --pretrained ID`), DyRate on the same, NoCaps with beam-2, beam-5 and
 # top-p and the rate ablation on NoCaps; without, the decoding ablation runs FastV K=2
 # R=0.5. Then a trace and the benchmark of the real shapes with random weights. Runs go
-# to runs/paper and the report to results/paper. Either model may be left out.
+# to runs/paper and the report to results/paper. Either model may be left out. MMBench
+# is scored by lmms-eval's GPT judge (mmbench_en_dev) when OPENAI_API_KEY is set, else
+# by its rule-based scorer (mmbench_en_dev_static): the judge needs the API for every
+# answer the rules cannot parse, and without it retries each of them for minutes.
+#
+# ./run_all.sh --paper --rehearse runs that grid offline, as a rehearsal of the real run:
+# `dyrate-eval make-rehearsal` writes a checkpoint in the llava-hf LLaVA-1.5 layout (the
+# embedded model's weights, LLaVA-1.5's ids, processor and chat template, 576 image
+# tokens) and the nine benchmarks in miniature where lmms-eval's unchanged tasks find
+# them (a private HF_HOME, runs/paper-rehearsal-setup), DyRate's predictor is trained
+# for it on the rehearsal's captions, and the report goes to results/paper-rehearsal
+# with its rows labelled "rehearsal". The bench times the rehearsal checkpoint (the real
+# shapes need a GPU's memory).
 #
 # Resumable: each cell is written to a temporary folder and moved into place only when
 # its results file exists, so an interrupted run loses nothing and a rerun skips the
 # finished cells. --force recomputes every cell. --limit N evaluates N items per task, a
 # quick check of the path whose tables (in runs/embedded-limitN/report) say nothing about
-# accuracy.
+# accuracy (even N with --paper: MME scores its questions in pairs). --only A,B runs the
+# named cells, traces and benchmarks alone, then the report. --runs DIR puts the runs
+# (and the rehearsal's setup) under DIR instead of runs/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
+
+# What a failed step said ($1: its log): the last traceback (lmms-eval logs it and still
+# exits 0), else the log's last lines.
+show_error() {
+  local from
+  from=$(grep -n '^Traceback' "$1" | tail -n 1 | cut -d: -f1)
+  if [ -n "$from" ]; then tail -n "+$from" "$1" | head -n 40 >&2; else tail -n 20 "$1" >&2; fi
+}
 
 force=0
 limit=()
 paper=0
+rehearse=0
+only=""
+runs_root=runs
 model_7b=""
 model_13b=""
 predictor_7b=""
@@ -48,17 +73,28 @@ while [ $# -gt 0 ]; do
     --force) force=1 ;;
     --limit) limit=(--limit "$2"); shift ;;
     --paper) paper=1 ;;
+    --rehearse) rehearse=1 ;;
+    --only) only=",$2,"; shift ;;
+    --runs) runs_root=$2; shift ;;
     --model-7b) model_7b=$2; shift ;;
     --model-13b) model_13b=$2; shift ;;
     --predictor-7b) predictor_7b=$2; shift ;;
     --predictor-13b) predictor_13b=$2; shift ;;
-    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
-    *) echo "run_all.sh: unknown argument $1 (allowed: --force, --limit N, --paper --model-7b ID --model-13b ID" \
-         "--predictor-7b DIR --predictor-13b DIR)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
+    *) echo "run_all.sh: unknown argument $1 (allowed: --force, --limit N, --only CELL,CELL, --runs DIR," \
+         "--paper --model-7b ID --model-13b ID --predictor-7b DIR --predictor-13b DIR, --paper --rehearse)" >&2; exit 2 ;;
   esac
   shift
 done
-if [ "$paper" = 1 ] && [ -z "$model_7b$model_13b" ]; then
+if [ "$rehearse" = 1 ] && { [ "$paper" = 0 ] || [ -n "$model_7b$model_13b$predictor_7b$predictor_13b" ]; }; then
+  echo "run_all.sh: --rehearse goes with --paper alone: it brings its own model and predictor" >&2
+  exit 2
+fi
+if [ "$paper" = 1 ] && [ ${#limit[@]} = 2 ] && [ $((limit[1] % 2)) = 1 ]; then
+  echo "run_all.sh: --limit ${limit[1]} is not allowed with --paper: it must be even (MME scores its questions in pairs per image)" >&2
+  exit 2
+fi
+if [ "$paper" = 1 ] && [ "$rehearse" = 0 ] && [ -z "$model_7b$model_13b" ]; then
   echo "run_all.sh: --paper needs --model-7b ID and/or --model-13b ID (e.g. llava-hf/llava-1.5-7b-hf)" >&2
   exit 2
 fi
@@ -66,16 +102,37 @@ if [ "$paper" = 0 ] && [ -n "$model_7b$model_13b$predictor_7b$predictor_13b" ]; 
   echo "run_all.sh: --model-7b / --model-13b / --predictor-7b / --predictor-13b go with --paper" >&2
   exit 2
 fi
-runs=runs/embedded
-[ "$paper" = 0 ] || runs=runs/paper
+runs=$runs_root/embedded
+[ "$paper" = 0 ] || runs=$runs_root/paper
+[ "$rehearse" = 0 ] || runs=$runs_root/paper-rehearsal
 [ ${#limit[@]} = 0 ] || runs=$runs-limit${limit[1]}
 
 ./scripts/setup_env.sh
 bin=.venv/bin
 
 embedded=dyrate_eval/embedded_llava
-if [ "$paper" = 0 ]; then
+if [ "$paper" = 0 ] || [ "$rehearse" = 1 ]; then
   export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+fi
+if [ "$rehearse" = 1 ]; then
+  # built once, into a temporary folder moved into place when complete
+  setup=$runs_root/paper-rehearsal-setup
+  if [ ! -d "$setup" ]; then
+    echo "building the rehearsal: the checkpoint and the nine benchmarks in miniature (log: $setup.log)"
+    rm -rf "$setup.partial"
+    mkdir -p "$runs_root"
+    "$bin/dyrate-eval" make-rehearsal --out "$setup.partial" >"$setup.log" 2>&1 || { show_error "$setup.log"; exit 1; }
+    mv "$setup.partial" "$setup"
+  fi
+  export HF_HOME=$(cd "$setup" && pwd)/hf_home
+  model_7b=$setup/llava-1.5-7b-rehearsal
+  predictor_7b=$setup/predictor
+  if [ ! -f "$predictor_7b/predictor.json" ]; then
+    echo "training DyRate's predictor for the rehearsal checkpoint on the rehearsal's captions (log: $setup/predictor.log)"
+    "$bin/dyrate-eval" train-predictor --pretrained "$model_7b" --data "$setup/predictor-data/captions.jsonl" \
+      --rates 0,0.25,0.5,0.75 --steps 10 --batch-size 4 --out "$predictor_7b" >"$setup/predictor.log" 2>&1 ||
+      { show_error "$setup/predictor.log"; exit 1; }
+  fi
 fi
 if [ "$paper" = 0 ] && [ ! -f "$embedded/config.json" ]; then
   echo "the embedded model is missing: training it into $embedded (about an hour on 2 CPU cores)"
@@ -94,20 +151,22 @@ done
 
 # cell name | lmms-eval model | model_args (the embedded model is the default
 # pretrained) | tasks | gen_kwargs overriding the tasks' decoding
-paper_tasks=gqa,vizwiz_vqa_val,scienceqa_img,textvqa_val,pope,mmbench_en_dev,mme,nocaps_val,flickr30k_test
+mmbench=mmbench_en_dev_static
+[ -z "${OPENAI_API_KEY:-}" ] || mmbench=mmbench_en_dev
+paper_tasks=gqa,vizwiz_vqa_val,scienceqa_img,textvqa_val,pope,$mmbench,mme,nocaps_val,flickr30k_test
 # the rate ablation, after the grid: label | pretrained (empty: embedded) | the DyRate
 # cell whose captions set the FLOPs share | caption task | its predictor
 ablation=()
 if [ "$paper" = 1 ]; then
   cells=()
   for size in 7b 13b; do
-    if [ "$size" = 7b ]; then id=$model_7b; vtw_k=16; predictor=$predictor_7b; else id=$model_13b; vtw_k=20; predictor=$predictor_13b; fi
+    if [ "$size" = 7b ]; then id=$model_7b; predictor=$predictor_7b; else id=$model_13b; predictor=$predictor_13b; fi
     [ -n "$id" ] || continue
     cells+=(
       "${size}_original|original_llava|pretrained=$id|$paper_tasks|"
       "${size}_fastv_K2_R0.5|fastv_llava|pretrained=$id,K=2,R=0.5|$paper_tasks|"
       "${size}_fastv_K3_R0.5|fastv_llava|pretrained=$id,K=3,R=0.5|$paper_tasks|"
-      "${size}_vtw_K$vtw_k|vtw_llava|pretrained=$id,K=$vtw_k|$paper_tasks|"
+      "${size}_vtw|vtw_llava|pretrained=$id|$paper_tasks|"  # VTW's K: half the depth (16 for 7B, 20 for 13B)
     )
     if [ -n "$predictor" ]; then
       cells+=("${size}_dyrate|dyrate_llava|pretrained=$id,predictor=$predictor|$paper_tasks|")
@@ -160,19 +219,13 @@ index=0
 # from an earlier run, unless --force. $3: where its log goes.
 cell_starts() {
   index=$((index + 1))
+  [ -z "$only" ] || [[ $only == *",$1,"* ]] || return 1
   if [ "$force" = 0 ] && [ -n "$2" ]; then
     echo "[$index/$total] $1: done earlier, skipped"
     return 1
   fi
   echo "[$index/$total] $1: running${3:+ (log: $3)}"
   started=$SECONDS
-}
-# What a failed step said ($1: its log): the last traceback (lmms-eval logs it and still
-# exits 0), else the log's last lines.
-show_error() {
-  local from
-  from=$(grep -n '^Traceback' "$1" | tail -n 1 | cut -d: -f1)
-  if [ -n "$from" ]; then tail -n "+$from" "$1" | head -n 40 >&2; else tail -n 20 "$1" >&2; fi
 }
 # One lmms-eval cell: name | lmms-eval model | model_args | tasks | gen_kwargs.
 run_cell() {
@@ -181,14 +234,15 @@ run_cell() {
   out="$runs/$name"
   # lmms-eval puts the results file in a subfolder named after pretrained=, or directly
   # in the output folder when pretrained= is not given
-  cell_starts "$name" "$(find "$out" -name '*_results.json' 2>/dev/null)" "$out.partial/log.txt" || return 0
+  # (not tasks' submission files, which some write as submissions/<task>_results.json)
+  cell_starts "$name" "$(find "$out" -name '*_results.json' -not -path '*/submissions/*' 2>/dev/null)" "$out.partial/log.txt" || return 0
   rm -rf "$out" "$out.partial"
   mkdir -p "$out.partial"
   "$bin/lmms-eval" --model "$lmms_model" ${model_args:+--model_args "$model_args"} ${gen_kwargs:+--gen_kwargs "$gen_kwargs"} \
     --batch_size 8 --tasks "$tasks" --include_path tasks --output_path "$out.partial" --log_samples --timezone UTC "${limit[@]}" \
     >"$out.partial/log.txt" 2>&1 || true
   # lmms-eval exits 0 even when evaluation fails: the results file is the only proof.
-  if [ -z "$(find "$out.partial" -name '*_results.json')" ]; then
+  if [ -z "$(find "$out.partial" -name '*_results.json' -not -path '*/submissions/*')" ]; then
     echo "[$index/$total] $name: FAILED, no results file; log: $out.partial/log.txt" >&2
     show_error "$out.partial/log.txt"
     exit 1
@@ -291,12 +345,18 @@ if [ "$paper" = 1 ]; then
     run_once trace_dyrate "$runs/trace_dyrate/trace.json" \
       "$bin/dyrate-eval" trace --pretrained "$trace_model" --out "$runs/trace_dyrate" --method dyrate --set "predictor=$trace_predictor" --examples "$examples"
   fi
-  for size in 7b 13b; do
-    vtw_k=16; [ "$size" = 7b ] || vtw_k=20
-    run_once "bench_$size" "$runs/bench_$size/bench.csv" \
-      "$bin/dyrate-eval" bench --arch "llava-1.5-$size" --methods "original,fastv:K=2:R=0.5,vtw:K=$vtw_k" \
-      --samples 20 --warmup 3 --new-tokens 32 --out "$runs/bench_$size/bench.csv"
-  done
+  if [ "$rehearse" = 1 ]; then
+    run_once bench_rehearsal "$runs/bench_rehearsal/bench.csv" \
+      "$bin/dyrate-eval" bench --pretrained "$model_7b" --methods "original,fastv:K=2:R=0.5,vtw,dyrate:predictor=$predictor_7b" \
+      --samples "$samples" --warmup 1 --new-tokens 16 --out "$runs/bench_rehearsal/bench.csv"
+  else
+    for size in 7b 13b; do
+      vtw_k=16; [ "$size" = 7b ] || vtw_k=20
+      run_once "bench_$size" "$runs/bench_$size/bench.csv" \
+        "$bin/dyrate-eval" bench --arch "llava-1.5-$size" --methods "original,fastv:K=2:R=0.5,vtw:K=$vtw_k" \
+        --samples 20 --warmup 3 --new-tokens 32 --out "$runs/bench_$size/bench.csv"
+    done
+  fi
 else
   run_once trace_fastv_K2_R0.5 "$runs/trace_fastv_K2_R0.5/trace.json" \
     "$bin/dyrate-eval" trace --out "$runs/trace_fastv_K2_R0.5" --method fastv --set K=2 R=0.5 --examples "$examples"
@@ -311,7 +371,9 @@ else
 fi
 
 report=results
+source=measured
 [ "$paper" = 0 ] || report=results/paper
+[ "$rehearse" = 0 ] || { report=results/paper-rehearsal; source=rehearsal; }
 [ ${#limit[@]} = 0 ] || report=$runs/report
 [ "$paper" = 1 ] || "$bin/dyrate-eval" summarize "$runs" --out "$report" --name embedded
-"$bin/dyrate-eval" report "$runs" --out "$report"
+"$bin/dyrate-eval" report "$runs" --out "$report" --source "$source"

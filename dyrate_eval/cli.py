@@ -108,7 +108,7 @@ def _cmd_generate(args) -> None:
 def _cmd_report(args) -> None:
     from .report import write_report
 
-    tables = write_report(args.runs, args.out)
+    tables = write_report(args.runs, args.out, args.source)
     print(f"wrote {', '.join(tables)}, pareto.png to {args.out}")
 
 
@@ -203,6 +203,20 @@ def _cmd_make_shapes_tasks(args) -> None:
 
     for name, count in write_task_data(args.out).items():
         print(f"{args.out}/{name}.jsonl: {count} items")
+
+
+def _cmd_make_rehearsal(args) -> None:
+    from . import rehearsal
+
+    if args.docs < 2:
+        raise PruningConfigError(f"--docs {args.docs} is not allowed: at least 2 (MME pairs its questions)")
+    out = Path(args.out)
+    checkpoint = rehearsal.write_checkpoint(out / "llava-1.5-7b-rehearsal")
+    print(f"{checkpoint}: the embedded model in the llava-hf LLaVA-1.5 layout")
+    for task, count in rehearsal.write_benchmarks(out / "hf_home", args.docs).items():
+        print(f"{out / 'hf_home'}: {task}, {count} items")
+    data = rehearsal.write_caption_training_data(out / "predictor-data", args.captions)
+    print(f"{data}: {args.captions} captions for train-predictor")
 
 
 def _cmd_summarize(args) -> None:
@@ -519,7 +533,19 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="the paper's tables and figures from lmms-eval runs and traces")
     report.add_argument("runs", nargs="+", help="lmms-eval output folders or results files (and trace folders)")
     report.add_argument("--out", default="results")
+    report.add_argument("--source", default="measured", help="how the runs' rows are labelled in the source column "
+                        "(e.g. 'rehearsal' for ./run_all.sh --paper --rehearse)")
     report.set_defaults(run=_cmd_report)
+
+    rehearsal = commands.add_parser(
+        "make-rehearsal",
+        help="the paper grid's offline rehearsal: a checkpoint in the llava-hf LLaVA-1.5 layout, the nine benchmarks "
+        "in miniature where lmms-eval's tasks find them (HF_HOME), captions for train-predictor",
+    )
+    rehearsal.add_argument("--out", required=True)
+    rehearsal.add_argument("--docs", type=int, default=24, help="items per benchmark")
+    rehearsal.add_argument("--captions", type=int, default=200, help="captions to train DyRate's predictor on")
+    rehearsal.set_defaults(run=_cmd_make_rehearsal)
 
     summarize = commands.add_parser("summarize", help="scores of lmms-eval runs as CSV and markdown")
     summarize.add_argument("runs", nargs="+", help="lmms-eval output folders or results files")

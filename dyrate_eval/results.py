@@ -26,7 +26,8 @@ def find_result_files(paths: list[str | Path]) -> list[Path]:
         if path.is_file():
             files.append(path)
         elif path.is_dir():
-            files.extend(sorted(path.glob("**/*_results.json")))
+            # tasks' submission files (MMBench writes submissions/<task>_results.json) are not runs
+            files.extend(sorted(f for f in path.glob("**/*_results.json") if "submissions" not in f.relative_to(path).parts))
         else:
             raise PruningConfigError(f"results path {path} does not exist")
     if not files:

@@ -36,3 +36,11 @@ def test_unreadable_or_foreign_files_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PruningConfigError, match="no lmms-eval results files"):
         results_table([tmp_path / "empty"])
+
+
+def test_task_submission_files_are_not_read_as_runs(tmp_path):
+    """MMBench's aggregation writes submissions/mmbench_en_dev_static_results.json beside the run."""
+    write_result(tmp_path / "20261202_000000_results.json", "fastv_llava", "pretrained=/m,K=2,R=0.5", {"exact_match,none": 0.75})
+    (tmp_path / "submissions").mkdir()
+    (tmp_path / "submissions" / "mmbench_en_dev_static_results.json").write_text(json.dumps({"overall_acc": 0.5}))
+    assert results_table([tmp_path])["method"].tolist() == ["fastv"]
