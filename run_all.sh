@@ -28,11 +28,15 @@
 # R=0.5. Then a trace and the benchmark of the real shapes with random weights. Runs go
 # to runs/paper and the report to results/paper. Either model may be left out.
 #
-# Resumable: each cell is written to a temporary folder and moved into place only when
-# its results file exists, so an interrupted run loses nothing and a rerun skips the
-# finished cells. --force recomputes every cell. --limit N evaluates N items per task, a
-# quick check of the path whose tables (in runs/embedded-limitN/report) say nothing about
-# accuracy.
+# Resumable: each cell is written to a temporary folder (<cell>.partial, which the report
+# never reads) and renamed into place only when its results file exists, so an
+# interrupted run loses nothing and a rerun skips the finished cells; partial folders left
+# by a killed run are removed when the next one starts. One run_all.sh at a time per runs
+# folder: a second one stops at once, naming the lock it found held. --force recomputes
+# every cell. --limit N evaluates N items per task, a quick check of the path whose tables
+# (in runs/embedded-limitN/report) say nothing about accuracy. --runs DIR puts the cells
+# into DIR (relative to this folder) instead of runs/embedded (runs/paper with --paper,
+# -limitN added with --limit).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -43,6 +47,7 @@ model_7b=""
 model_13b=""
 predictor_7b=""
 predictor_13b=""
+runs=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --force) force=1 ;;
@@ -52,8 +57,9 @@ while [ $# -gt 0 ]; do
     --model-13b) model_13b=$2; shift ;;
     --predictor-7b) predictor_7b=$2; shift ;;
     --predictor-13b) predictor_13b=$2; shift ;;
-    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
-    *) echo "run_all.sh: unknown argument $1 (allowed: --force, --limit N, --paper --model-7b ID --model-13b ID" \
+    --runs) runs=$2; shift ;;
+    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
+    *) echo "run_all.sh: unknown argument $1 (allowed: --force, --limit N, --runs DIR, --paper --model-7b ID --model-13b ID" \
          "--predictor-7b DIR --predictor-13b DIR)" >&2; exit 2 ;;
   esac
   shift
@@ -66,9 +72,22 @@ if [ "$paper" = 0 ] && [ -n "$model_7b$model_13b$predictor_7b$predictor_13b" ]; 
   echo "run_all.sh: --model-7b / --model-13b / --predictor-7b / --predictor-13b go with --paper" >&2
   exit 2
 fi
-runs=runs/embedded
-[ "$paper" = 0 ] || runs=runs/paper
-[ ${#limit[@]} = 0 ] || runs=$runs-limit${limit[1]}
+if [ -z "$runs" ]; then
+  runs=runs/embedded
+  [ "$paper" = 0 ] || runs=runs/paper
+  [ ${#limit[@]} = 0 ] || runs=$runs-limit${limit[1]}
+fi
+mkdir -p "$runs"
+# Two run_all.sh into one folder would both run every cell and rename over each other's
+# results; the lock is released when this shell exits, however it exits.
+exec 9>"$runs/.run_all.lock"
+if ! flock --nonblock 9; then
+  echo "run_all.sh: another run_all.sh is running into $runs (it holds $runs/.run_all.lock): wait for it to end, or stop it" >&2
+  exit 1
+fi
+# Left by a run killed mid-cell (inside a finished cell too, where an old run_all.sh
+# could rename a second copy): unfinished, never read, redone when their cell runs.
+find "$runs" -maxdepth 2 -name '*.partial' -type d -prune -exec rm -rf {} +
 
 ./scripts/setup_env.sh
 bin=.venv/bin
@@ -193,7 +212,8 @@ run_cell() {
     show_error "$out.partial/log.txt"
     exit 1
   fi
-  mv "$out.partial" "$out"
+  # one rename: the cell appears finished or not at all (-T: never into an existing folder)
+  mv -T "$out.partial" "$out"
   echo "[$index/$total] $name: done in $((SECONDS - started)) s"
 }
 for cell in "${cells[@]}"; do
@@ -247,7 +267,9 @@ if [ "$paper" = 0 ]; then
   fi
   vtw_k=$("$bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["K"] or "")' "$schedules/vtw_k.json")
   if [ -n "$vtw_k" ]; then
-    run_cell "vtw_K${vtw_k}_searched|vtw_llava|K=$vtw_k|shapes|"
+    # named as the grid names VTW cells: a searched K of 2 is the grid's vtw_K2, not a
+    # second run of it (which the report refuses)
+    run_cell "vtw_K$vtw_k|vtw_llava|K=$vtw_k|shapes|"
   else
     index=$((index + 1))
     echo "VTW's searched K: no layer meets eta (see $schedules/vtw_k.json), no cell" >&2
