@@ -100,6 +100,9 @@ class PruningPolicy:
     progressive: bool = True
     # FLOPs of one observed decision beyond the scoring row (DyRate's predictor)
     decision_flops: int = 0
+    # Whether every prompt must hold an image: a method that selects image tokens has
+    # nothing to select from in a text-only prompt
+    needs_image: ClassVar[bool] = True
 
     def __init__(self, arch: Arch, values: dict[str, Any]):
         self.arch = arch
@@ -134,6 +137,7 @@ class Original(PruningPolicy):
     """No pruning: the reference every ratio is taken against."""
 
     name = "original"
+    needs_image = False  # it selects nothing: a text-only prompt runs as the unmodified model runs it
 
 
 class FastV(PruningPolicy):
