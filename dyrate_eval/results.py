@@ -100,8 +100,6 @@ def read_results_file(path: Path) -> list[dict]:
     return rows
 
 
-
-
 # What tells one evaluated configuration from another.
 RUN_KEY = ["pretrained", "method", "settings", "decoding"]
 # The headline score columns of the embedded shapes tasks: (task, metric) -> column.
@@ -138,8 +136,9 @@ def read_samples(path: Path) -> list[dict]:
     return _samples_log(path, path.stat().st_mtime_ns)
 
 
-def sample_policy(sample: dict) -> dict | None:
-    """The policy the wrappers recorded for a sample (None in samples of other models)."""
+def _sample_policy(sample: dict) -> dict | None:
+    """The policy the wrappers recorded for a generated sample (None for a loglikelihood
+    request's, which carries no measurements)."""
     return next((counts["dyrate"].get("policy") for counts in sample.get("token_counts") or []
                  if isinstance(counts, dict) and isinstance(counts.get("dyrate"), dict)), None)
 
@@ -168,7 +167,7 @@ def check_samples(results_file: Path, row: dict) -> None:
         )
     settings = _parse_model_args(row["settings"])
     for number, sample in enumerate(samples, start=1):
-        policy = sample_policy(sample)
+        policy = _sample_policy(sample)
         if policy is None:
             continue
         differing = [key for key, value in settings.items() if key in policy and not isinstance(policy[key], (list, dict))

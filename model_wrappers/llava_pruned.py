@@ -35,7 +35,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from dyrate_eval import EMBEDDED_MODEL_DIR, PruningConfigError, executed_plan
 from dyrate_eval.arch import Arch, llava_config
 from dyrate_eval.hf_llava import install
-from dyrate_eval.measure import generated_lengths, sample_measurements, timed_generate
+from dyrate_eval.measure import BatchTiming, generated_lengths, sample_measurements, timed_generate
 from dyrate_eval.methods import DEFAULT_METHOD, LMMS_MODELS, make_policy
 from dyrate_eval.pruning import resolve_dtype
 from dyrate_eval.prompts import IMAGE_PLACEHOLDER, llava_prompt
@@ -91,7 +91,7 @@ def _is_padding(request: Instance) -> bool:
     return isinstance(request.metadata, dict) and bool(request.metadata.get("__padding_only__"))
 
 
-def _batch_metrics(measurements: list[dict], timing) -> dict:
+def _batch_metrics(measurements: list[dict], timing: BatchTiming) -> dict:
     """What ``log_metrics`` takes for one generate call: totals and the samples' means."""
     def mean(key):
         return sum(record[key] for record in measurements) / len(measurements)
