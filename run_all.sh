@@ -40,13 +40,17 @@
 # with its rows labelled "rehearsal". The bench times the rehearsal checkpoint (the real
 # shapes need a GPU's memory).
 #
-# Resumable: each cell is written to a temporary folder and moved into place only when
-# its results file exists, so an interrupted run loses nothing and a rerun skips the
-# finished cells. --force recomputes every cell. --limit N evaluates N items per task, a
-# quick check of the path whose tables (in runs/embedded-limitN/report) say nothing about
-# accuracy (even N with --paper: MME scores its questions in pairs). --only A,B runs the
-# named cells, traces and benchmarks alone, then the report. --runs DIR puts the runs
-# (and the rehearsal's setup) under DIR instead of runs/.
+# Resumable: each cell is written to a temporary folder (<cell>.partial, which the report
+# never reads) and renamed into place only when its results file exists, so an
+# interrupted run loses nothing and a rerun skips the finished cells; partial folders left
+# by a killed run are removed when the next one starts. One run_all.sh at a time per runs
+# folder: a second one stops at once, naming the lock it found held. --force recomputes
+# every cell. --limit N evaluates N items per task, a quick check of the path whose tables
+# (in runs/embedded-limitN/report) say nothing about accuracy (even N with --paper: MME
+# scores its questions in pairs). --only A,B runs the named cells, traces and benchmarks
+# alone, then the report. --runs DIR puts the cells into DIR (relative to this folder)
+# instead of runs/embedded (runs/paper with --paper, runs/paper-rehearsal with
+# --rehearse, -limitN added with --limit); the rehearsal's setup goes beside DIR.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -63,11 +67,11 @@ limit=()
 paper=0
 rehearse=0
 only=""
-runs_root=runs
 model_7b=""
 model_13b=""
 predictor_7b=""
 predictor_13b=""
+runs=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --force) force=1 ;;
@@ -75,11 +79,11 @@ while [ $# -gt 0 ]; do
     --paper) paper=1 ;;
     --rehearse) rehearse=1 ;;
     --only) only=",$2,"; shift ;;
-    --runs) runs_root=$2; shift ;;
     --model-7b) model_7b=$2; shift ;;
     --model-13b) model_13b=$2; shift ;;
     --predictor-7b) predictor_7b=$2; shift ;;
     --predictor-13b) predictor_13b=$2; shift ;;
+    --runs) runs=$2; shift ;;
     -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown argument $1 (allowed: --force, --limit N, --only CELL,CELL, --runs DIR," \
          "--paper --model-7b ID --model-13b ID --predictor-7b DIR --predictor-13b DIR, --paper --rehearse)" >&2; exit 2 ;;
@@ -102,10 +106,23 @@ if [ "$paper" = 0 ] && [ -n "$model_7b$model_13b$predictor_7b$predictor_13b" ]; 
   echo "run_all.sh: --model-7b / --model-13b / --predictor-7b / --predictor-13b go with --paper" >&2
   exit 2
 fi
-runs=$runs_root/embedded
-[ "$paper" = 0 ] || runs=$runs_root/paper
-[ "$rehearse" = 0 ] || runs=$runs_root/paper-rehearsal
-[ ${#limit[@]} = 0 ] || runs=$runs-limit${limit[1]}
+if [ -z "$runs" ]; then
+  runs=runs/embedded
+  [ "$paper" = 0 ] || runs=runs/paper
+  [ "$rehearse" = 0 ] || runs=runs/paper-rehearsal
+  [ ${#limit[@]} = 0 ] || runs=$runs-limit${limit[1]}
+fi
+mkdir -p "$runs"
+# Two run_all.sh into one folder would both run every cell and rename over each other's
+# results; the lock is released when this shell exits, however it exits.
+exec 9>"$runs/.run_all.lock"
+if ! flock --nonblock 9; then
+  echo "run_all.sh: another run_all.sh is running into $runs (it holds $runs/.run_all.lock): wait for it to end, or stop it" >&2
+  exit 1
+fi
+# Left by a run killed mid-cell (inside a finished cell too, where an old run_all.sh
+# could rename a second copy): unfinished, never read, redone when their cell runs.
+find "$runs" -maxdepth 2 -name '*.partial' -type d -prune -exec rm -rf {} +
 
 ./scripts/setup_env.sh
 bin=.venv/bin
@@ -116,11 +133,10 @@ if [ "$paper" = 0 ] || [ "$rehearse" = 1 ]; then
 fi
 if [ "$rehearse" = 1 ]; then
   # built once, into a temporary folder moved into place when complete
-  setup=$runs_root/paper-rehearsal-setup
+  setup=$(dirname "$runs")/paper-rehearsal-setup
   if [ ! -d "$setup" ]; then
     echo "building the rehearsal: the checkpoint and the nine benchmarks in miniature (log: $setup.log)"
     rm -rf "$setup.partial"
-    mkdir -p "$runs_root"
     "$bin/dyrate-eval" make-rehearsal --out "$setup.partial" >"$setup.log" 2>&1 || { show_error "$setup.log"; exit 1; }
     mv "$setup.partial" "$setup"
   fi
@@ -233,8 +249,8 @@ run_cell() {
   IFS='|' read -r name lmms_model model_args tasks gen_kwargs <<<"$1"
   out="$runs/$name"
   # lmms-eval puts the results file in a subfolder named after pretrained=, or directly
-  # in the output folder when pretrained= is not given
-  # (not tasks' submission files, which some write as submissions/<task>_results.json)
+  # in the output folder when pretrained= is not given (tasks' submission files, such as
+  # MMBench's submissions/<task>_results.json, are not results files)
   cell_starts "$name" "$(find "$out" -name '*_results.json' -not -path '*/submissions/*' 2>/dev/null)" "$out.partial/log.txt" || return 0
   rm -rf "$out" "$out.partial"
   mkdir -p "$out.partial"
@@ -247,7 +263,8 @@ run_cell() {
     show_error "$out.partial/log.txt"
     exit 1
   fi
-  mv "$out.partial" "$out"
+  # one rename: the cell appears finished or not at all (-T: never into an existing folder)
+  mv -T "$out.partial" "$out"
   echo "[$index/$total] $name: done in $((SECONDS - started)) s"
 }
 for cell in "${cells[@]}"; do
@@ -301,7 +318,9 @@ if [ "$paper" = 0 ]; then
   fi
   vtw_k=$("$bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["K"] or "")' "$schedules/vtw_k.json")
   if [ -n "$vtw_k" ]; then
-    run_cell "vtw_K${vtw_k}_searched|vtw_llava|K=$vtw_k|shapes|"
+    # named as the grid names VTW cells: a searched K of 2 is the grid's vtw_K2, not a
+    # second run of it (which the report refuses)
+    run_cell "vtw_K$vtw_k|vtw_llava|K=$vtw_k|shapes|"
   else
     index=$((index + 1))
     echo "VTW's searched K: no layer meets eta (see $schedules/vtw_k.json), no cell" >&2

@@ -90,6 +90,30 @@ ARCHS = {
 }
 
 
+LLAVA_ALLOWED = "a LLaVA-1.5 checkpoint: a folder with its config.json (model_type 'llava') or a hub id such as llava-hf/llava-1.5-7b-hf"
+
+
+def llava_config(pretrained: str | Path, setting: str = "pretrained"):
+    """The config of a LLaVA checkpoint, read before any weights: a missing or empty
+    folder, an id that cannot be found and another kind of model fail here with one
+    message naming ``setting``."""
+    from transformers import AutoConfig
+
+    path = Path(pretrained)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise PruningConfigError(f"{setting}={pretrained} is not allowed: the folder holds no config.json; allowed is {LLAVA_ALLOWED}")
+    if not path.exists() and (path.is_absolute() or str(pretrained).startswith(".") or str(pretrained).count("/") > 1):
+        raise PruningConfigError(f"{setting}={pretrained} is not allowed: there is no such folder; allowed is {LLAVA_ALLOWED}")
+    try:
+        config = AutoConfig.from_pretrained(pretrained)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise PruningConfigError(f"{setting}={pretrained} is not allowed: it cannot be read as a model ({reason}); allowed is {LLAVA_ALLOWED}") from None
+    if config.model_type != "llava":
+        raise PruningConfigError(f"{setting}={pretrained} is not allowed: it is a {config.model_type!r} model; allowed is {LLAVA_ALLOWED}")
+    return config
+
+
 def load_arch(name_or_path: str | Path) -> Arch:
     """A named shape (``llava-1.5-7b``, ``llava-1.5-13b``) or a model folder's config."""
     if str(name_or_path) in ARCHS:
@@ -99,6 +123,4 @@ def load_arch(name_or_path: str | Path) -> Arch:
         raise PruningConfigError(
             f"--arch {name_or_path!r} is neither a known shape ({', '.join(ARCHS)}) nor a folder with a config.json"
         )
-    from transformers import AutoConfig
-
-    return Arch.from_config(AutoConfig.from_pretrained(path), name=str(path))
+    return Arch.from_config(llava_config(path, "--arch"), name=str(path))

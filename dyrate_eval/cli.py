@@ -176,6 +176,22 @@ def _cmd_flops(args, extra: list[str]) -> None:
     print(f"  prefill, paper convention:    {report['ratio_paper_convention']:.1%} of original (4nd^2 + 2n^2d + 2ndm per layer)")
 
 
+def _check_writable(out: str) -> None:
+    """A file written only at the end of a long command: its folder is made and the file
+    opened first, so that an unwritable path fails before the work, not after it (a file
+    made for the check is removed: until the work is done there is no output)."""
+    path = Path(out)
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a"):
+            pass
+    except OSError as error:
+        raise PruningConfigError(f"--out {out} is not allowed: it cannot be written ({error.strerror}: {error.filename}); allowed is a file path this user can write") from None
+    if not existed:
+        path.unlink()
+
+
 def _cmd_bench(args) -> None:
     import torch
 
@@ -184,6 +200,8 @@ def _cmd_bench(args) -> None:
 
     if args.arch and args.pretrained:
         raise PruningConfigError("give --pretrained or --arch, not both")
+    if args.out:
+        _check_writable(args.out)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, torch.device(device))
     pretrained = None if args.arch else (args.pretrained or str(EMBEDDED_MODEL_DIR))
@@ -505,8 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     flops.add_argument("--arch", default=str(EMBEDDED_MODEL_DIR), help="llava-1.5-7b, llava-1.5-13b or a model folder")
     flops.add_argument("--method", default="original")
-    flops.add_argument("--text-tokens", type=int, default=40, help="prompt tokens besides the image")
-    flops.add_argument("--new-tokens", type=int, default=1, help="generated tokens (1: the prefill alone)")
+    flops.add_argument("--text-tokens", type=_non_negative_int, default=40, help="prompt tokens besides the image")
+    flops.add_argument("--new-tokens", type=_positive_int, default=1, help="generated tokens (1: the prefill alone)")
     flops.add_argument("--json", action="store_true", help="print one JSON object")
     flops.set_defaults(run=_cmd_flops, takes_extra=True)
 
@@ -517,10 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--random-weights", action="store_true", help="random weights from --pretrained's config")
     bench.add_argument("--methods", default="original,fastv:K=2:R=0.5,vtw", help="comma-separated, settings after colons")
-    bench.add_argument("--samples", type=int, default=10)
-    bench.add_argument("--warmup", type=int, default=1, help="samples run first and not reported")
-    bench.add_argument("--new-tokens", type=int, default=32)
-    bench.add_argument("--text-tokens", type=int, default=40)
+    bench.add_argument("--samples", type=_positive_int, default=10)
+    bench.add_argument("--warmup", type=_non_negative_int, default=1, help="samples run first and not reported")
+    bench.add_argument("--new-tokens", type=_positive_int, default=32)
+    bench.add_argument("--text-tokens", type=_non_negative_int, default=40)
     bench.add_argument("--device", help="default: cuda when available, else cpu")
     bench.add_argument("--dtype", default="auto", help="auto (float16 on a GPU, float32 on a CPU), float32, float16 or bfloat16")
     bench.add_argument("--out", help="CSV of every measured sample")

@@ -635,7 +635,8 @@ def install(model, policy: PruningPolicy):
             if cache is not None and getattr(cache, _STATE_ATTR, None) is not None:
                 return  # a decode step: the image span is already known
             input_ids = kwargs.get("input_ids", args[0] if args else None)
-            _check_image_tokens(input_ids, token_id)
+            if language_model._dyrate_policy.needs_image:
+                _check_image_tokens(input_ids, token_id)
             language_model._dyrate_prompt_ids = input_ids
 
         model_generate = model.generate
@@ -643,7 +644,8 @@ def install(model, policy: PruningPolicy):
         @functools.wraps(model_generate)
         def generate_checked(*args, **kwargs):
             # generate runs the vision tower before the first forward: check first
-            _check_image_tokens(kwargs.get("input_ids", args[0] if args else None), token_id)
+            if language_model._dyrate_policy.needs_image:
+                _check_image_tokens(kwargs.get("input_ids", args[0] if args else None), token_id)
             return model_generate(*args, **kwargs)
 
         model.generate = generate_checked

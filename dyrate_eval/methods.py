@@ -100,6 +100,9 @@ class PruningPolicy:
     progressive: bool = True
     # FLOPs of one observed decision beyond the scoring row (DyRate's predictor)
     decision_flops: int = 0
+    # Whether every prompt must hold an image: a method that selects image tokens has
+    # nothing to select from in a text-only prompt
+    needs_image: ClassVar[bool] = True
 
     def __init__(self, arch: Arch, values: dict[str, Any]):
         self.arch = arch
@@ -134,6 +137,7 @@ class Original(PruningPolicy):
     """No pruning: the reference every ratio is taken against."""
 
     name = "original"
+    needs_image = False  # it selects nothing: a text-only prompt runs as the unmodified model runs it
 
 
 class FastV(PruningPolicy):
@@ -281,6 +285,9 @@ SCHEDULE_ALLOWED = (
 # is reported as its search, not as a hand-written schedule.
 SCHEDULE_SEARCHES = ("gsearch", "psigmoid")
 _INLINE_COUNTS = re.compile(r"\d+(/\d+)*")
+# A count as someone may mistype it inline ("-5", "72.5"): such a string is read as
+# inline counts and its bad count named, not looked up as a file.
+_NUMBER = re.compile(r"[-+]?\d+(\.\d*)?")
 
 
 @dataclass(frozen=True)
@@ -320,6 +327,19 @@ def _read_schedule_file(raw: Any) -> tuple[Any, Any, Any]:
     return data["schedule"], searched_by, label
 
 
+def _looks_inline(raw: str) -> bool:
+    """Counts separated by '/' with a mistyped count, rather than a file's path: no such
+    file, no .json name, and some part a number."""
+    return "/" in raw and not raw.endswith(".json") and not Path(raw).exists() and any(map(_NUMBER.fullmatch, raw.split("/")))
+
+
+def _inline_count(raw: str, index: int, part: str) -> int:
+    try:
+        return int(part)
+    except ValueError:
+        raise _schedule_error(raw, f"layer {index}'s count {part!r} is not a whole number of image tokens") from None
+
+
 def _parse_schedule(raw: Any, arch: Arch) -> KeepSchedule:
     """A list of counts (Python), counts separated by '/' (lmms-eval splits model_args at
     commas) or a JSON file; checked against the model's depth and image tokens."""
@@ -328,6 +348,8 @@ def _parse_schedule(raw: Any, arch: Arch) -> KeepSchedule:
         counts = list(raw)
     elif isinstance(raw, str) and _INLINE_COUNTS.fullmatch(raw):
         counts = [int(count) for count in raw.split("/")]
+    elif isinstance(raw, str) and _looks_inline(raw):
+        counts = [_inline_count(raw, index, part) for index, part in enumerate(raw.split("/"))]
     elif isinstance(raw, (str, Path)):
         counts, searched_by, label = _read_schedule_file(raw)
     else:

@@ -133,7 +133,23 @@ class RatePredictor(torch.nn.Module):
             ) from None
         if not isinstance(settings, dict) or settings.get("format") != FILE_FORMAT:
             raise PruningConfigError(f"predictor={path}: {SETTINGS_FILE} is not a {FILE_FORMAT} file")
-        predictor = cls(settings["model"], settings["model_shape"], settings["K"], tuple(settings["rates"]), settings.get("training"))
+        shape = settings.get("model_shape")
+        if (not isinstance(settings.get("model"), str) or not isinstance(shape, dict)
+                or not all(isinstance(shape.get(name), int) for name in _FIT_FIELDS)
+                or not isinstance(settings.get("K"), int) or not isinstance(settings.get("rates"), list)):
+            raise PruningConfigError(
+                f"predictor={path}: {SETTINGS_FILE} must give model (a name), model_shape (whole numbers "
+                f"{', '.join(_FIT_FIELDS)}), K (a layer) and rates (a list); it gives "
+                f"{ {key: settings.get(key) for key in ('model', 'model_shape', 'K', 'rates')} }"
+            )
+        predictor = cls(settings["model"], shape, settings["K"], tuple(settings["rates"]), settings.get("training"))
+        expected = {name: tuple(tensor.shape) for name, tensor in predictor.state_dict().items()}
+        found = {name: tuple(tensor.shape) for name, tensor in weights.items()}
+        if found != expected:
+            raise PruningConfigError(
+                f"predictor={path}: {WEIGHTS_FILE} holds tensors {found}, but {SETTINGS_FILE} ({shape['heads']} heads, "
+                f"{len(settings['rates'])} rates) needs {expected}: the two files are not from one training"
+            )
         predictor.load_state_dict(weights)
         predictor.source = str(path)
         return predictor.eval()

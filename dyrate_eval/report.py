@@ -11,6 +11,7 @@ tables, told apart by the ``source`` column. A missing cell is written as "missi
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from functools import cache
@@ -27,7 +28,7 @@ from adjustText import adjust_text  # noqa: E402
 
 from .errors import PruningConfigError  # noqa: E402
 from .methods import METHODS, SCHEDULE_SEARCHES  # noqa: E402
-from .results import find_result_files, read_results_file, samples_file  # noqa: E402
+from .results import read_runs, read_samples, samples_file  # noqa: E402
 from .plan import GROUPS  # noqa: E402
 from .trace import TRACE_FILE  # noqa: E402
 
@@ -85,15 +86,11 @@ def model_label(pretrained: str) -> str:
 
 def read_sample_measurements(samples_file: Path) -> list[dict]:
     """The wrappers' per-sample records in an lmms-eval samples log (empty when the run
-    was made by another model or without --log_samples)."""
+    was made without --log_samples)."""
     if not samples_file.exists():
         return []
     records = []
-    for number, line in enumerate(samples_file.read_text().splitlines(), start=1):
-        try:
-            sample = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise PruningConfigError(f"cannot read line {number} of samples log {samples_file}: {error}") from None
+    for number, sample in enumerate(read_samples(samples_file), start=1):
         for counts in sample.get("token_counts") or []:
             if isinstance(counts, dict) and isinstance(counts.get("dyrate"), dict):
                 missing = MEASURED_FIELDS - set(counts["dyrate"])
@@ -108,11 +105,12 @@ def read_sample_measurements(samples_file: Path) -> list[dict]:
 
 def load_runs(paths: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(scores, measurements): a row per run file and task with its metrics, decoding
-    and model label; and a row per measured sample, keyed the same way."""
+    and model label; and a row per measured sample, keyed the same way. The runs are
+    checked as ``results.read_runs`` checks them."""
     score_rows, measured_rows = [], []
-    for path in find_result_files(paths):
-        rows = read_results_file(path)
-        records = {row["task"]: read_sample_measurements(samples_file(path, row["task"])) for row in rows}
+    for file, file_rows in itertools.groupby(read_runs(paths), key=lambda row: row["file"]):
+        rows = list(file_rows)
+        records = {row["task"]: read_sample_measurements(samples_file(Path(file), row["task"])) for row in rows}
         searched = searched_schedule([record for task_records in records.values() for record in task_records])
         for row in rows:
             row["model"] = model_label(row["pretrained"])

@@ -7,6 +7,7 @@ scores with the method settings that produced them.
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import json
@@ -20,14 +21,31 @@ from .methods import DEFAULT_METHOD, LMMS_MODELS, METHODS
 _METADATA_SUFFIXES = ("_stderr", "_stderr_clt", "_stderr_clustered")
 
 
+# run_all.sh evaluates a cell into "<cell>.partial" and renames it when lmms-eval wrote
+# its results: whatever sits under such a folder is unfinished or abandoned.
+PARTIAL_SUFFIX = ".partial"
+
+
+def _partial_folder(path: Path) -> str | None:
+    return next((part for part in path.parts if part.endswith(PARTIAL_SUFFIX)), None)
+
+
 def find_result_files(paths: list[str | Path]) -> list[Path]:
+    """The results files given or under the given folders; files under an unfinished
+    cell's ``*.partial`` folder are never read."""
     files: list[Path] = []
     for path in map(Path, paths):
+        if _partial_folder(path):
+            raise PruningConfigError(
+                f"{path} is inside the unfinished cell {_partial_folder(path)}: it is never read "
+                "(rerun run_all.sh to finish that cell)"
+            )
         if path.is_file():
             files.append(path)
         elif path.is_dir():
-            # tasks' submission files (MMBench writes submissions/<task>_results.json) are not runs
-            files.extend(sorted(f for f in path.glob("**/*_results.json") if "submissions" not in f.relative_to(path).parts))
+            # (tasks' submission files are not runs: MMBench writes submissions/<task>_results.json)
+            files.extend(f for f in sorted(path.glob("**/*_results.json"))
+                         if not _partial_folder(f.relative_to(path)) and "submissions" not in f.relative_to(path).parts)
         else:
             raise PruningConfigError(f"results path {path} does not exist")
     if not files:
@@ -59,6 +77,11 @@ def read_results_file(path: Path) -> list[dict]:
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict) or "config" not in data:
         raise PruningConfigError(f"{path} is not an lmms-eval results file (no 'results' and 'config')")
     config = data["config"]
+    if config.get("model") not in LMMS_MODELS:
+        raise PruningConfigError(
+            f"{path} was written by lmms-eval model {config.get('model')!r}, not by one of this project's models "
+            f"({', '.join(LMMS_MODELS)}): refused, its method and measurements are unknown"
+        )
     model_args = _parse_model_args(config.get("model_args") or "")
     rows = []
     for task, metrics in data["results"].items():
@@ -66,7 +89,7 @@ def read_results_file(path: Path) -> list[dict]:
             "file": str(path),
             "model": config.get("model"),
             "pretrained": model_args.get("pretrained", "(embedded)"),
-            "method": LMMS_MODELS.get(config.get("model")) or model_args.get("method", DEFAULT_METHOD),
+            "method": LMMS_MODELS[config["model"]] or model_args.get("method", DEFAULT_METHOD),
             "settings": ",".join(f"{k}={v}" for k, v in model_args.items() if k not in ("pretrained", "method")),
             "decoding": decoding_label((data.get("configs", {}).get(task) or {}).get("generation_kwargs") or {}),
             "task": task,
@@ -77,11 +100,6 @@ def read_results_file(path: Path) -> list[dict]:
                 row[name] = value
         rows.append(row)
     return rows
-
-
-def results_table(paths: list[str | Path]) -> pd.DataFrame:
-    rows = [row for path in find_result_files(paths) for row in read_results_file(path)]
-    return pd.DataFrame(rows)
 
 
 # What tells one evaluated configuration from another.
@@ -105,13 +123,89 @@ def _object_count(doc: dict) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _samples_log(path: Path, modified_ns: int) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    samples = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            samples.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise PruningConfigError(f"cannot read line {number} of samples log {path}: {error}") from None
+    return samples
 
 
 def read_samples(path: Path) -> list[dict]:
     """The samples of an lmms-eval samples log, read once per version of the file: the
     per-kind and the per-objects tables read the same caption logs."""
     return _samples_log(path, path.stat().st_mtime_ns)
+
+
+def _sample_policy(sample: dict) -> dict | None:
+    """The policy the wrappers recorded for a generated sample (None for a loglikelihood
+    request's, which carries no measurements)."""
+    return next((counts["dyrate"].get("policy") for counts in sample.get("token_counts") or []
+                 if isinstance(counts, dict) and isinstance(counts.get("dyrate"), dict)), None)
+
+
+def _same_setting(recorded, given: str) -> bool:
+    try:
+        return float(recorded) == float(given)
+    except (TypeError, ValueError):
+        return str(recorded) == given
+
+
+def check_samples(results_file: Path, row: dict) -> None:
+    """The samples log of one task of a results file (when logged) belongs to that run
+    alone: each doc once, and every sample generated with the method and settings the
+    results file names. Two runs writing into one output folder break either."""
+    path = samples_file(results_file, row["task"])
+    if not path.exists():
+        return
+    samples = read_samples(path)
+    counts = collections.Counter(sample.get("doc_id") for sample in samples)
+    repeated = sorted(doc_id for doc_id, count in counts.items() if count > 1)
+    if repeated:
+        raise PruningConfigError(
+            f"{path} holds doc ids {', '.join(map(str, repeated[:5]))}{' ...' if len(repeated) > 5 else ''} more than once: "
+            "two runs wrote into one output folder; rerun the cell into an empty --output_path"
+        )
+    settings = _parse_model_args(row["settings"])
+    for number, sample in enumerate(samples, start=1):
+        policy = _sample_policy(sample)
+        if policy is None:
+            continue
+        differing = [key for key, value in settings.items() if key in policy and not isinstance(policy[key], (list, dict))
+                     and not _same_setting(policy[key], value)]
+        if policy.get("method") != row["method"] or differing:
+            raise PruningConfigError(
+                f"{path} line {number} was generated with {policy}, but its results file {results_file} ran "
+                f"{row['model']} with method {row['method']!r} and settings {row['settings'] or '(none)'}: two runs "
+                "wrote into one output folder; rerun each into its own --output_path"
+            )
+
+
+def read_runs(paths: list[str | Path]) -> list[dict]:
+    """The rows (a run file and task each) of every results file under ``paths``, each
+    checked against its samples log (``check_samples``); two files holding the same task
+    for the same configuration are refused, naming both, rather than merged."""
+    rows = []
+    for path in find_result_files(paths):
+        for row in read_results_file(path):
+            check_samples(path, row)
+            rows.append(row)
+    seen: dict[tuple, str] = {}
+    for row in rows:
+        key = (*(row[column] for column in RUN_KEY), row["task"])
+        if key in seen:
+            raise PruningConfigError(
+                f"{seen[key]} and {row['file']} both hold {row['task']} for the same configuration "
+                f"({row['model']}, pretrained={row['pretrained']}, method {row['method']}, settings {row['settings'] or '(none)'}, "
+                f"{row['decoding']}): a run made twice; keep one of them"
+            )
+        seen[key] = row["file"]
+    return rows
+
+
+def results_table(paths: list[str | Path]) -> pd.DataFrame:
+    return pd.DataFrame(read_runs(paths))
 
 
 def _per_sample(metric: str):

@@ -110,7 +110,7 @@ class SearchModel(DyRateLlava):
 
     def use_policy(self, policy: PruningPolicy) -> None:
         install(self.model, policy)
-        self.method, self.policy_settings = policy.name, policy.describe()
+        self.policy = policy
 
     def encode(self, contexts: list[str], visuals: list[list]) -> dict:
         """Inputs for requests' contexts and images, prompted as ``generate_until`` prompts them."""

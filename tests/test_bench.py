@@ -44,3 +44,27 @@ def test_bench_runs_methods_on_the_same_samples(tiny_dir):
     assert table.loc["original", "tflops ratio"] == 1.0
     assert table.loc["vtw:K=1", "tflops ratio"] < table.loc["fastv:K=2:R=0.75", "tflops ratio"] < 1.0
     assert table.loc["vtw:K=1", "kv_bytes_peak ratio"] < 1.0
+
+
+@pytest.mark.parametrize("option,value,allowed", [("--samples", "0", ">= 1"), ("--new-tokens", "0", ">= 1"), ("--warmup", "-1", ">= 0")])
+def test_bench_refuses_counts_it_cannot_run(option, value, allowed, capsys):
+    from dyrate_eval.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", option, value])
+    assert f"argument {option}: '{value}' is not a whole number {allowed}" in capsys.readouterr().err
+
+
+def test_bench_refuses_an_unwritable_out_before_measuring(tiny_dir, tmp_path, capsys):
+    from dyrate_eval.cli import main
+
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "bench.csv"
+    assert main(["bench", "--pretrained", str(tiny_dir), "--samples", "1", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert f"--out {out} is not allowed: it cannot be written (File exists: {tmp_path / 'a_file'})" in captured.err
+    assert captured.out == "", "nothing was measured"
+    written = tmp_path / "new" / "bench.csv"
+    assert main(["bench", "--pretrained", str(tiny_dir), "--methods", "original", "--samples", "1", "--warmup", "0",
+                 "--new-tokens", "2", "--out", str(written)]) == 0
+    assert len(written.read_text().splitlines()) == 2, "the header and the one sample"

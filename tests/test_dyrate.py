@@ -3,6 +3,8 @@ training, against independent references on the tiny model."""
 
 import json
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,6 +231,19 @@ def test_a_predictor_for_another_shape_is_refused(tiny_dir, tmp_path, staircase_
         apply_pruning(load_model(tiny_dir), method="dyrate", predictor=str(tmp_path / "nowhere"))
     with pytest.raises(PruningConfigError, match="mode='drop' is not allowed for method 'dyrate': mode must be progressive or mask"):
         apply_pruning(load_model(tiny_dir), method="dyrate", predictor=staircase_dir, mode="drop")
+
+
+def test_an_inconsistent_predictor_folder_is_refused_naming_what_is_wrong(tiny_dir, tmp_path, staircase_dir):
+    settings = json.loads((Path(staircase_dir) / "predictor.json").read_text())
+    edited = tmp_path / "edited"
+    shutil.copytree(staircase_dir, edited)
+    more_heads = {**settings, "model_shape": {**settings["model_shape"], "heads": settings["model_shape"]["heads"] * 2}}
+    (edited / "predictor.json").write_text(json.dumps(more_heads))
+    with pytest.raises(PruningConfigError, match=r"predictor=.*edited: predictor.safetensors holds tensors .* but predictor.json"):
+        apply_pruning(load_model(tiny_dir), method="dyrate", predictor=str(edited))
+    (edited / "predictor.json").write_text(json.dumps({key: value for key, value in settings.items() if key != "model_shape"}))
+    with pytest.raises(PruningConfigError, match=r"predictor=.*edited: predictor.json must give model .* model_shape \(whole numbers layers"):
+        apply_pruning(load_model(tiny_dir), method="dyrate", predictor=str(edited))
 
 
 def test_dyrate_has_no_simulated_plan(tiny_dir, staircase_dir):

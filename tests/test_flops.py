@@ -107,6 +107,10 @@ def test_flops_command_refuses_bad_input():
     assert code == 2 and "K='40' is not allowed for method 'fastv': K must be an integer in 1..31" in err
     code, _, err = flops_cli("--arch", "no-such-model", "--method", "vtw")
     assert code == 2 and "--arch 'no-such-model' is neither a known shape" in err
+    code, _, err = flops_cli("--arch", "llava-1.5-7b", "--text-tokens", "-5")
+    assert code == 2 and "argument --text-tokens: '-5' is not a whole number >= 0" in err
+    code, _, err = flops_cli("--arch", "llava-1.5-7b", "--new-tokens", "-3")
+    assert code == 2 and "argument --new-tokens: '-3' is not a whole number >= 1" in err
 
 
 @pytest.mark.parametrize("name", ["llava-1.5-7b", "llava-1.5-13b", "llava-1.5-7b-cpu"])

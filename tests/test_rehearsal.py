@@ -85,11 +85,12 @@ def test_run_all_rehearses_the_paper_grid_into_the_papers_tables(tmp_path):
     """./run_all.sh --paper --rehearse, cut to the original and DyRate cells: the setup, the
     predictor trained for the rehearsal checkpoint, lmms-eval's nine tasks and the
     report, whose Table 1 and Table 2 hold rehearsal rows in every benchmark column."""
-    command = ["./run_all.sh", "--paper", "--rehearse", "--limit", "2", "--runs", str(tmp_path), "--only", "7b_original,7b_dyrate"]
+    command = ["./run_all.sh", "--paper", "--rehearse", "--limit", "2", "--runs", str(tmp_path / "paper"), "--only", "7b_original,7b_dyrate"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
-    report = tmp_path / "paper-rehearsal-limit2" / "report"
+    assert (tmp_path / "paper-rehearsal-setup" / "predictor" / "predictor.json").is_file(), "the setup goes beside --runs"
+    report = tmp_path / "paper" / "report"
     table1 = pd.read_csv(report / "table1_benchmarks.csv")
     rehearsed = table1[table1["source"] == "rehearsal"].set_index("method")
     assert sorted(rehearsed.index) == ["dyrate", "original"]

@@ -1,6 +1,7 @@
 """The aggregator and the traces behind its figures, on real lmms-eval runs of a tiny model."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -145,3 +146,30 @@ def test_match_rate_gives_a_flops_matched_baseline(report, tiny_dir, capsys):
     full = sum(plan_flops(simulate_plan(make_policy("original", arch), arch, s["text_tokens"], s["new_tokens"]), arch)["language_model"] for s in samples)
     dyrate_share = measured(tables["table2_captioning"], "dyrate")["TFLOPs %"].item() / 100
     assert spent / full == pytest.approx(dyrate_share, abs=0.02), "within a kept token of DyRate's share"
+
+
+def test_mixed_and_repeated_runs_are_refused_and_partial_cells_never_read(report, tmp_path):
+    """What two runs into one output folder, a run made twice and an old run_all.sh's
+    nested partial folder leave behind, made from the fixture's real runs."""
+    runs, _, _ = report
+    copied = tmp_path / "runs"
+    shutil.copytree(runs, copied)
+    nested = copied / "fastv" / "fastv.partial"
+    shutil.copytree(runs / "fastv", nested)
+    tables = write_report([copied], tmp_path / "out")
+    assert not any(".partial" in line for line in (tmp_path / "out" / "table1_benchmarks.md").read_text().splitlines())
+    assert measured(tables["table1_benchmarks"], "fastv")["TFLOPs %"].item() == measured(report[2]["table1_benchmarks"], "fastv")["TFLOPs %"].item()
+    shutil.rmtree(nested)
+
+    shutil.copytree(runs / "fastv", copied / "fastv_again")
+    with pytest.raises(PruningConfigError, match=r"fastv/.*_results.json and .*fastv_again/.*_results.json both hold shapes_(caption|vqa) "
+                                                 r"for the same configuration .*: a run made twice"):
+        write_report([copied], tmp_path / "out")
+    shutil.rmtree(copied / "fastv_again")
+
+    [original_log] = (copied / "original").glob("**/*_samples_shapes_vqa.jsonl")
+    [fastv_log] = (copied / "fastv").glob("**/*_samples_shapes_vqa.jsonl")
+    original_log.write_text(fastv_log.read_text())
+    with pytest.raises(PruningConfigError, match=rf"{original_log} line 1 was generated with .*'fastv'.*, but its results file .* ran "
+                                                 r"original_llava with method 'original'"):
+        write_report([copied], tmp_path / "out")

@@ -124,6 +124,8 @@ ALLOWED = ("schedule must be a JSON schedule file or keep counts separated by '/
         ([48, 48, 32, 0], "layer 0 keeps 48, but it always sees all 64 image tokens"),
         ([64, 32.5, 16, 0], "every count must be a whole number of image tokens"),
         ("64,64,32,32", "no such readable file (No such file or directory); counts given inline are separated by '/'"),
+        ("64/64/-5/0", "layer 2 keeps -5, outside 0..64, the model's image tokens"),
+        ("64/64/x/0", "layer 2's count 'x' is not a whole number of image tokens"),
         (3, "got a int"),
     ],
 )
