@@ -78,11 +78,10 @@ SELECTION_SETTING = choice_setting("selection", SELECTIONS, "attention")
 
 @dataclass
 class StepView:
-    """What a policy may look at when deciding: per-sample image counts at this point,
-    and for a policy that observes this layer, what the step's query attends to."""
+    """What a policy may look at when deciding: per-sample image counts, and for a
+    policy that observes this layer, what the step's query attends to."""
 
     n_img: torch.Tensor  # (B,) image tokens in each sample's prompt
-    kept: torch.Tensor  # (B,) image tokens each sample still sees before this layer
     # (B, heads, len(plan.GROUPS)): the step's attention at the previous layer, per head,
     # summed over the system, image, instruction and response tokens
     group_attention: torch.Tensor | None = None
@@ -217,6 +216,10 @@ class DyRate(PruningPolicy):
         super().__init__(arch, values)
         self.K = self.predictor.K
         self.decision_flops = self.predictor.flops
+        # the keep count of each rate for the image counts of the generation running
+        # (the executor hands the same counts to every step of one generation)
+        self._counts_for: torch.Tensor | None = None
+        self._keep_counts: torch.Tensor | None = None
 
     @property
     def progressive(self) -> bool:
@@ -232,8 +235,14 @@ class DyRate(PruningPolicy):
     def keep_before_layer(self, layer, step, view):
         if layer != self.K:
             return None
+        device = view.group_attention.device
+        if self.predictor.feature_mean.device != device:  # moved once, not at every step
+            self.predictor.to(device)
+        if view.n_img is not self._counts_for:
+            self._counts_for, self._keep_counts = view.n_img, self.predictor.keep_counts(view.n_img)
         with torch.no_grad():
-            return self.predictor.to(view.group_attention.device).choose_keep(view.group_attention, view.n_img)
+            rate = self.predictor(view.group_attention).argmax(-1, keepdim=True)
+        return self._keep_counts.gather(1, rate.to(self._keep_counts.device))[:, 0]
 
 
 class FixedPrune(PruningPolicy):
