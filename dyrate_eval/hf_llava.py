@@ -12,6 +12,10 @@ the attention (DyRate) is first shown the step's attention per head and token gr
 the previous layer; one that re-selects at every step (mode=mask) keeps the image tokens
 cached and hides the others from attention instead.
 
+For ``dyrate-eval bench`` only, the attention that ranks the image tokens can also be
+taken the way FastV's peers take it (``SCORINGS``), to time the core's design against
+theirs on the same inputs.
+
 DyRate's training runs here too (``TeacherForcedPass``): the frozen model teacher-forced
 on prompt + answer, with a registered attention function that weighs image keys per
 query, so that gradients reach the predictor's choices.
@@ -40,11 +44,21 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .arch import Arch
 from .errors import PruningConfigError
+from .flops import layer_flops
 from .methods import PruningPolicy, StepView
 from .plan import GROUPS, ExecutedPlan
 from .ranking import top_slots
 
 _STATE_ATTR = "_dyrate_generation_state"
+
+# How the attention row that ranks and observes image tokens is obtained. "row": the
+# core's way (one query row from the observation layer's own query and cached keys,
+# SPEC section 3 rule 1). The others are FastV's peers, for the bench's side-by-side
+# rows: "eager-weights" runs the language model in eager attention and reads the
+# observation layer's weights from its own forward, every query's row materialised (FastV's
+# reference code, output_attentions at layer K-1); "layer-rerun" runs the observation
+# layer a second time in eager attention on its input to get those weights (LightCompress).
+SCORINGS = ("row", "eager-weights", "layer-rerun")
 
 # The oldest and newest transformers releases the test suite passed on (pyproject.toml's
 # floor and the version in requirements.lock; tests/test_install.py keeps them in step).
@@ -317,6 +331,8 @@ class _PrunedDecoderMixin:
     _dyrate_cache_argument: str
     _dyrate_prompt_ids: torch.Tensor | None
     _dyrate_rotary: Callable
+    _dyrate_scoring: str
+    _dyrate_arch: Arch
     last_plan: ExecutedPlan | None
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None, **kwargs):
@@ -501,15 +517,19 @@ class _PrunedDecoderMixin:
         """While ``layer`` runs, keep its query projection when the policy observes the
         step's attention before the next layer: the scoring row then reuses it instead
         of projecting the query again (at 7B width that projection reads 64 MiB of
-        weights, more than dropping image keys saves in a decode step)."""
+        weights, more than dropping image keys saves in a decode step). With eager
+        weights, keep what the attention module returns (its output and weights) after
+        every layer, as the reference code has them at hand wherever it ranks."""
+        if self._dyrate_scoring == "eager-weights":
+            return _OutputCapture(layer.self_attn)
         observed = layer_idx + 1 < len(self.layers) and self._dyrate_policy.observes(layer_idx + 1, step)
-        return _OutputCapture(layer.self_attn.q_proj if observed else None)
+        return _OutputCapture(layer.self_attn.q_proj if observed and self._dyrate_scoring == "row" else None)
 
     def _dyrate_select(self, state, layer_idx, layout, layer_input, projected, rotary, query_timeline, timeline_mask, cache,
                        q_row):
         """Ask the policy before ``layer_idx``, whose keys are ``layout`` so far. Returns
         the image slots to attend to from this layer on, or None when nothing changes.
-        ``projected`` is the previous layer's query projection when it was kept.
+        ``projected`` is what ``_dyrate_query_capture`` kept of the previous layer.
 
         The slots are the top by the step's attention at layer_idx-1 (unless the policy
         ranks them itself) among the candidates: the slots still kept for a progressive
@@ -529,7 +549,8 @@ class _PrunedDecoderMixin:
             state.decision = {
                 "chosen_keep": torch.full_like(n_img, -1) if keep is None else keep.to(n_img.device),
                 "group_attention": view.group_attention.mean(1),
-                "decision_flops": torch.full_like(n_img, policy.decision_flops),
+                # beyond the policy's own, what scoring by a layer rerun cost
+                "decision_flops": torch.full_like(n_img, policy.decision_flops) + state.decision.get("decision_flops", 0),
             }
         if keep is None:
             return None
@@ -587,11 +608,36 @@ class _PrunedDecoderMixin:
                 key_ok = None
         if timeline_mask is not None:
             key_ok = key_ok & timeline_mask.gather(1, layout.index)
+        if self._dyrate_scoring != "row":  # every query's weights (B, heads, rows, L), then the step's row
+            if self._dyrate_scoring == "eager-weights":  # they came with the layer's forward: no extra FLOPs
+                weights = projected[1]
+            else:
+                weights = self._dyrate_rerun_weights(state, obs_layer, layer_input, rotary, key_ok, q_row)
+            return weights.float()[:, :, 0] if pick is None else _gather_rows(weights.transpose(1, 2).float(), pick)[:, 0]
         # the batch-1 cost of this row, for FLOPs
         state.scored_keys[:, obs_layer] = layout.index.shape[1] if key_ok is None else key_ok.sum(1)
         keys = cache.layers[obs_layer].keys if cache is not None else None
         return _attention_rows(self.layers[obs_layer], self._dyrate_rotary, layer_input, rotary, pick,
                                None if key_ok is None else key_ok[:, None, :], keys, projected)[:, :, 0]
+
+    def _dyrate_rerun_weights(self, state, obs_layer, layer_input, rotary, key_ok, q_row):
+        """(B, heads, L, L) LightCompress's way: the observation layer run again on its
+        input in eager attention, without the cache, for the weights of every query; its
+        FLOPs go into the plan as the decision's."""
+        if q_row is not None:
+            raise PruningConfigError(
+                f"method {self._dyrate_policy.name!r} selects at decode steps; scoring by rerunning layer K-1 "
+                "(LightCompress's way) reruns it on the prompt and can rank only at the prefill"
+            )
+        layer = self.layers[obs_layer]
+        with _attention_implementation(self, "eager"), _OutputCapture(layer.self_attn) as capture:
+            mask = create_causal_mask(config=self.config, inputs_embeds=layer_input, attention_mask=key_ok, position_ids=None,
+                                      **{self._dyrate_cache_argument: None})
+            layer(layer_input, attention_mask=mask, position_embeddings=rotary, position_ids=None, use_cache=False,
+                  **{self._dyrate_cache_argument: None})
+        rows = key_ok.sum(1)
+        state.decision["decision_flops"] = layer_flops(self._dyrate_arch, rows, rows)
+        return capture.output[1]
 
     @staticmethod
     def _dyrate_image_scores(state, obs_layer, probs):
@@ -707,11 +753,16 @@ def _rotary_of(language_model) -> Callable:
     return inspect.getmodule(_own_class(language_model)).apply_rotary_pos_emb
 
 
-def install(model, policy: PruningPolicy):
-    """Put the executor into ``model`` (in place) with ``policy``; re-installing swaps the policy."""
+def install(model, policy: PruningPolicy, scoring: str = "row"):
+    """Put the executor into ``model`` (in place) with ``policy``; re-installing swaps the
+    policy. ``scoring`` other than "row" is one of FastV's peers (``SCORINGS``), for the bench."""
+    if scoring not in SCORINGS:
+        raise PruningConfigError(f"scoring={scoring!r} is not allowed: use one of {', '.join(SCORINGS)}")
     inner, language_model = _language_model(model)
     if not isinstance(language_model, _PrunedDecoderMixin):
         base = type(language_model)
+        language_model._dyrate_own_attention = language_model.config._attn_implementation
+        language_model._dyrate_arch = model_arch(model)
         pruned_class = type(f"Pruned{base.__name__}", (_PrunedDecoderMixin, base), {})
         language_model.__class__ = pruned_class
         language_model._dyrate_rotary = _rotary_of(language_model)
@@ -740,6 +791,10 @@ def install(model, policy: PruningPolicy):
         language_model._dyrate_image_token_id = token_id
         language_model._dyrate_hook = inner.register_forward_pre_hook(capture_prompt, with_kwargs=True)
     language_model._dyrate_policy = policy
+    language_model._dyrate_scoring = scoring
+    wanted = "eager" if scoring == "eager-weights" else language_model._dyrate_own_attention
+    if language_model.config._attn_implementation != wanted:
+        language_model.set_attn_implementation(wanted)
     return model
 
 
@@ -749,9 +804,11 @@ def uninstall(model):
     if isinstance(language_model, _PrunedDecoderMixin):
         language_model._dyrate_hook.remove()
         del model.generate  # the instance wrapper; the class method shows again
+        if language_model.config._attn_implementation != language_model._dyrate_own_attention:
+            language_model.set_attn_implementation(language_model._dyrate_own_attention)
         language_model.__class__ = _own_class(language_model)
         for name in ("_dyrate_policy", "_dyrate_rotary", "_dyrate_prompt_ids", "_dyrate_image_token_id", "_dyrate_hook",
-                     "_dyrate_cache_argument", "last_plan"):
+                     "_dyrate_cache_argument", "last_plan", "_dyrate_scoring", "_dyrate_own_attention", "_dyrate_arch"):
             delattr(language_model, name)
     return model
 
@@ -791,9 +848,9 @@ AttentionInterface.register(_WEIGHTED_ATTENTION, _key_weighted_attention)
 
 
 @contextlib.contextmanager
-def _key_weighted(language_model):
+def _attention_implementation(language_model, name: str):
     previous = language_model.config._attn_implementation
-    language_model.set_attn_implementation(_WEIGHTED_ATTENTION)
+    language_model.set_attn_implementation(name)
     try:
         yield
     finally:
@@ -875,7 +932,7 @@ class TeacherForcedPass:
         per_key = per_query.gather(2, slot_of_key[:, None, :].expand(-1, length, -1))  # (B, L, L)
         key_weights = torch.where(self.is_image[:, None, :], per_key, torch.ones_like(per_key))[:, None]
         hidden = self._hidden_at_K
-        with _key_weighted(self._language_model):
+        with _attention_implementation(self._language_model, _WEIGHTED_ATTENTION):
             for layer in self._language_model.layers[self.K:]:
                 hidden = layer(hidden, attention_mask=self._causal, position_embeddings=self._rotary,
                                position_ids=self._position_ids, dyrate_key_weights=key_weights)

@@ -182,8 +182,9 @@ MODE_SETTING = choice_setting("mode", MODES, "progressive")
 
 
 def _parse_predictor(value: Any, arch: Arch) -> RatePredictor:
-    predictor = RatePredictor.load(value)
-    predictor.check_fits(arch, str(value))
+    """A predictor folder, or a predictor already built (the bench's random one)."""
+    predictor = value if isinstance(value, RatePredictor) else RatePredictor.load(value)
+    predictor.check_fits(arch, predictor.source if isinstance(value, RatePredictor) else str(value))
     return predictor
 
 
