@@ -425,7 +425,7 @@ class _PrunedDecoderMixin:
                     cos, sin = _gather_rows(cos, local), _gather_rows(sin, local)
             state.layouts[layer_idx] = layout
             layer_input = hidden
-            with self._dyrate_query_capture(layer, layer_idx, state.step) as capture:
+            with self._dyrate_scoring_capture(layer, layer_idx, state.step) as capture:
                 hidden = layer(
                     hidden,
                     attention_mask=masks.get(self, hidden, layout, attention_mask, cache, layer_idx),
@@ -469,7 +469,7 @@ class _PrunedDecoderMixin:
                 elif img_kept is not None:
                     self._dyrate_evict(state, cache, layer_idx, img_kept, new_tokens)
             layer_input = hidden
-            with self._dyrate_query_capture(layer, layer_idx, state.step) as capture:
+            with self._dyrate_scoring_capture(layer, layer_idx, state.step) as capture:
                 hidden = layer(
                     hidden,
                     attention_mask=masks.get(self, hidden, state.layouts[layer_idx], attention_mask, cache, layer_idx),
@@ -513,11 +513,11 @@ class _PrunedDecoderMixin:
 
     # -- shared pieces -----------------------------------------------------------------
 
-    def _dyrate_query_capture(self, layer, layer_idx, step):
+    def _dyrate_scoring_capture(self, layer, layer_idx, step):
         """While ``layer`` runs, keep its query projection when the policy observes the
         step's attention before the next layer: the scoring row then reuses it instead
-        of projecting the query again (at 7B width that projection reads 64 MiB of
-        weights, more than dropping image keys saves in a decode step). With eager
+        of projecting the query again (at 7B width, reading a 4096 x 4096 weight matrix
+        once more at every decode step). With eager
         weights, keep what the attention module returns (its output and weights) after
         every layer, as the reference code has them at hand wherever it ranks."""
         if self._dyrate_scoring == "eager-weights":
@@ -529,7 +529,7 @@ class _PrunedDecoderMixin:
                        q_row):
         """Ask the policy before ``layer_idx``, whose keys are ``layout`` so far. Returns
         the image slots to attend to from this layer on, or None when nothing changes.
-        ``projected`` is what ``_dyrate_query_capture`` kept of the previous layer.
+        ``projected`` is what ``_dyrate_scoring_capture`` kept of the previous layer.
 
         The slots are the top by the step's attention at layer_idx-1 (unless the policy
         ranks them itself) among the candidates: the slots still kept for a progressive
