@@ -546,12 +546,14 @@ class _PrunedDecoderMixin:
         keep = policy.keep_before_layer(layer_idx, state.step, view)
         if probs is not None:
             n_img = state.plan.n_img
+            rerun_flops = state.decision.get("decision_flops")  # what scoring by a layer rerun cost, if it did
             state.decision = {
                 "chosen_keep": torch.full_like(n_img, -1) if keep is None else keep.to(n_img.device),
                 "group_attention": view.group_attention.mean(1),
-                # beyond the policy's own, what scoring by a layer rerun cost
-                "decision_flops": torch.full_like(n_img, policy.decision_flops) + state.decision.get("decision_flops", 0),
+                "decision_flops": torch.full_like(n_img, policy.decision_flops),
             }
+            if rerun_flops is not None:
+                state.decision["decision_flops"] += rerun_flops
         if keep is None:
             return None
         kept_now = layout.img_kept.sum(1)

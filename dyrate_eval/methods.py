@@ -217,6 +217,7 @@ class DyRate(PruningPolicy):
         super().__init__(arch, values)
         self.K = self.predictor.K
         self.decision_flops = self.predictor.flops
+        self.predictor.requires_grad_(False)  # it only infers here: no autograd bookkeeping at every step
         # the keep count of each rate for the image counts of the generation running
         # (the executor hands the same counts to every step of one generation)
         self._counts_for: torch.Tensor | None = None
@@ -241,8 +242,7 @@ class DyRate(PruningPolicy):
             self.predictor.to(device)
         if view.n_img is not self._counts_for:
             self._counts_for, self._keep_counts = view.n_img, self.predictor.keep_counts(view.n_img)
-        with torch.no_grad():
-            rate = self.predictor(view.group_attention).argmax(-1, keepdim=True)
+        rate = self.predictor(view.group_attention).argmax(-1, keepdim=True)
         return self._keep_counts.gather(1, rate.to(self._keep_counts.device))[:, 0]
 
 
