@@ -15,7 +15,8 @@
 # DepthBasedPrune at K=2 with the rate that spends DyRate 0.6's FLOPs share on the
 # captions, `dyrate-eval match-rate`), traces of four captions with FastV and DyRate
 # (attention per token group, kept tokens; the report's figures) and the side-by-side
-# benchmarks on the embedded model and on the CPU-scaled 7B shape.
+# benchmarks on the embedded model and on the 7B's width with 4 decoder layers, with
+# FastV's peers beside the core's FastV (scripts/bench_gpu.sh times the real shapes on a GPU).
 #
 # ./run_all.sh --paper --model-7b ID --model-13b ID runs the paper's grid instead, on a
 # GPU machine with network access (lmms-eval's own benchmarks download their data; the
@@ -366,13 +367,13 @@ if [ "$paper" = 1 ]; then
   fi
   if [ "$rehearse" = 1 ]; then
     run_once bench_rehearsal "$runs/bench_rehearsal/bench.csv" \
-      "$bin/dyrate-eval" bench --pretrained "$model_7b" --methods "original,fastv:K=2:R=0.5,vtw,dyrate:predictor=$predictor_7b" \
+      "$bin/dyrate-eval" bench --pretrained "$model_7b" --methods "original,fastv:K=2:R=0.5,vtw,dyrate:predictor=$predictor_7b" --peers \
       --samples "$samples" --warmup 1 --new-tokens 16 --out "$runs/bench_rehearsal/bench.csv"
   else
     for size in 7b 13b; do
       vtw_k=16; [ "$size" = 7b ] || vtw_k=20
       run_once "bench_$size" "$runs/bench_$size/bench.csv" \
-        "$bin/dyrate-eval" bench --arch "llava-1.5-$size" --methods "original,fastv:K=2:R=0.5,vtw:K=$vtw_k" \
+        "$bin/dyrate-eval" bench --arch "llava-1.5-$size" --methods "original,fastv:K=2:R=0.5,vtw:K=$vtw_k" --peers \
         --samples 20 --warmup 3 --new-tokens 32 --out "$runs/bench_$size/bench.csv"
     done
   fi
@@ -382,11 +383,13 @@ else
   run_once trace_dyrate_flops0.6 "$runs/trace_dyrate_flops0.6/trace.json" \
     "$bin/dyrate-eval" trace --out "$runs/trace_dyrate_flops0.6" --method dyrate --examples "$examples"
   run_once bench_embedded "$runs/bench_embedded/bench.csv" \
-    "$bin/dyrate-eval" bench --methods original,fastv:K=2:R=0.5,dyrate \
+    "$bin/dyrate-eval" bench --methods original,fastv:K=2:R=0.5,dyrate --peers \
     --samples "$((4 * samples))" --warmup 2 --new-tokens 24 --out "$runs/bench_embedded/bench.csv"
-  run_once bench_7b_cpu "$runs/bench_7b_cpu/bench.csv" \
-    "$bin/dyrate-eval" bench --arch llava-1.5-7b-cpu --methods original,fastv:K=2:R=0.5,vtw:K=16 \
-    --samples "$samples" --warmup 1 --new-tokens 16 --out "$runs/bench_7b_cpu/bench.csv"
+  # the 7B's width and heads with 4 decoder layers, random weights (DyRate's predictor too);
+  # a sample of its 8 rows takes about 2 minutes on 2 shared cores, so 2 samples
+  run_once bench_7b_4layers "$runs/bench_7b_4layers/bench.csv" \
+    "$bin/dyrate-eval" bench --arch llava-1.5-7b-4layers --methods original,fastv:K=2:R=0.5,vtw:K=2,dyrate --peers \
+    --samples "$(( samples < 2 ? samples : 2 ))" --warmup 1 --new-tokens 16 --out "$runs/bench_7b_4layers/bench.csv"
 fi
 
 report=results

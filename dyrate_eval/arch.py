@@ -87,6 +87,14 @@ ARCHS = {
         "llava-1.5-7b-cpu", 256, 688, 32, 2, 2, 128, 32064,
         vision_hidden=128, vision_intermediate=512, vision_layers=24, image_size=336, patch_size=14,
     ),
+    # For timing on a CPU at the real width: the 7B's width, heads and 576 image tokens,
+    # with 4 of its 32 decoder layers. Pruning changes per-layer costs, so ratios measured
+    # at this width transfer; the vision tower keeps CLIP-L's width and is cut in depth by
+    # the same factor (3 of 24 layers), so that its share of the work stays the 7B's.
+    "llava-1.5-7b-4layers": Arch(
+        "llava-1.5-7b-4layers", 4096, 11008, 4, 32, 32, 128, 32064,
+        **{**_CLIP_L_336, "vision_layers": 3},
+    ),
 }
 
 

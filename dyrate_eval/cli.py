@@ -205,14 +205,25 @@ def _cmd_bench(args) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, torch.device(device))
     pretrained = None if args.arch else (args.pretrained or str(EMBEDDED_MODEL_DIR))
-    model, arch = load_bench_model(pretrained, args.arch, args.random_weights, device, dtype)
-    methods = parse_methods(args.methods, arch)
-    rows = run_bench(model, arch, methods, args.samples, args.new_tokens, args.text_tokens, args.warmup)
+    if args.report and not args.out:
+        raise PruningConfigError("--report writes the summary of the --out CSV: give --out too")
+    random_weights = bool(args.arch or args.random_weights)
+    model, arch = load_bench_model(pretrained, args.arch, args.random_weights, device, dtype, args.attention)
+    methods = parse_methods(args.methods, arch, random_weights)
+    rows = run_bench(model, arch, methods, args.samples, args.new_tokens, args.text_tokens, args.warmup, args.peers,
+                     args.batch)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         rows.to_csv(args.out, index=False)
-    weights = "random weights" if args.arch or args.random_weights else "weights from the folder"
-    print(f"{arch.name} ({weights}), {device}, {dtype}, {args.samples} samples (+{args.warmup} warm-up), "
-          f"{arch.n_img} image + {args.text_tokens} text tokens, {args.new_tokens} new tokens; medians")
+    if args.report:
+        from .report import write_bench_summary
+
+        Path(args.report).mkdir(parents=True, exist_ok=True)
+        write_bench_summary(Path(args.out), Path(args.report))
+    weights = "random weights" if random_weights else "weights from the folder"
+    attention = model.model.language_model.config._attn_implementation
+    print(f"{arch.name} ({weights}), {device}, {dtype}, {attention} attention, batch {args.batch}, {args.samples} samples "
+          f"(+{args.warmup} warm-up), {arch.n_img} image + {args.text_tokens} text tokens, {args.new_tokens} new tokens; medians")
     print(summarize_bench(rows).to_markdown(index=False, floatfmt=".4g"))
 
 
@@ -531,10 +542,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="time methods side by side on the same inputs (TTFT, decode, FLOPs, KV bytes)")
     bench.add_argument("--pretrained", help="a model folder (default: the embedded model)")
     bench.add_argument(
-        "--arch", help="a named shape with random weights: llava-1.5-7b, llava-1.5-13b (GPU) or llava-1.5-7b-cpu (the 7B at a sixteenth of its width)"
+        "--arch", help="a named shape with random weights: llava-1.5-7b, llava-1.5-13b (GPU), llava-1.5-7b-4layers "
+        "(the 7B's width and heads, 4 decoder layers; for a CPU) or llava-1.5-7b-cpu (the 7B at a sixteenth of its width)"
     )
     bench.add_argument("--random-weights", action="store_true", help="random weights from --pretrained's config")
-    bench.add_argument("--methods", default="original,fastv:K=2:R=0.5,vtw", help="comma-separated, settings after colons")
+    bench.add_argument("--methods", default="original,fastv:K=2:R=0.5,vtw",
+                       help="comma-separated, settings after colons; 'all' for every method at the paper's settings. "
+                       "With random weights, dyrate without predictor= gets a predictor with random weights")
+    bench.add_argument("--peers", action="store_true",
+                       help="also time every FastV method as its peers run it: eager attention with layer K-1's weights "
+                       "(FastV's reference code), layer K-1 rerun for its weights (LightCompress), masked instead of dropped")
+    bench.add_argument("--attention", help="attention implementation: sdpa, flash_attention_2, eager (default: transformers' choice)")
+    bench.add_argument("--batch", type=_positive_int, default=1, help="prompts per generate call")
     bench.add_argument("--samples", type=_positive_int, default=10)
     bench.add_argument("--warmup", type=_non_negative_int, default=1, help="samples run first and not reported")
     bench.add_argument("--new-tokens", type=_positive_int, default=32)
@@ -542,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", help="default: cuda when available, else cpu")
     bench.add_argument("--dtype", default="auto", help="auto (float16 on a GPU, float32 on a CPU), float32, float16 or bfloat16")
     bench.add_argument("--out", help="CSV of every measured sample")
+    bench.add_argument("--report", help="also write the report's benchmark table of --out (bench_<folder of --out>.csv/.md) here")
     bench.set_defaults(run=_cmd_bench)
 
     shapes = commands.add_parser("make-shapes-tasks", help="regenerate the embedded tasks' held-out data")

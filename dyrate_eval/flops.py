@@ -115,7 +115,7 @@ def simulate_plan(policy: PruningPolicy, arch: Arch, text_tokens: int, new_token
     def decide(layer: int, step: int, kept_now: int) -> int | None:
         """The policy's new count before ``layer``, or None when nothing changes: a
         progressive policy only drops; one that masks re-selects among all image tokens."""
-        keep = policy.keep_before_layer(layer, step, StepView(n_img=n_img, kept=torch.tensor([kept_now])))
+        keep = policy.keep_before_layer(layer, step, StepView(n_img=n_img))
         if keep is None:
             return None
         if not policy.progressive:

@@ -12,6 +12,10 @@ the attention (DyRate) is first shown the step's attention per head and token gr
 the previous layer; one that re-selects at every step (mode=mask) keeps the image tokens
 cached and hides the others from attention instead.
 
+For ``dyrate-eval bench`` only, the attention that ranks the image tokens can also be
+taken the way FastV's peers take it (``SCORINGS``), to time the core's design against
+theirs on the same inputs.
+
 DyRate's training runs here too (``TeacherForcedPass``): the frozen model teacher-forced
 on prompt + answer, with a registered attention function that weighs image keys per
 query, so that gradients reach the predictor's choices.
@@ -40,11 +44,21 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .arch import Arch
 from .errors import PruningConfigError
+from .flops import layer_flops
 from .methods import PruningPolicy, StepView
 from .plan import GROUPS, ExecutedPlan
 from .ranking import top_slots
 
 _STATE_ATTR = "_dyrate_generation_state"
+
+# How the attention row that ranks and observes image tokens is obtained. "row": the
+# core's way (one query row from the observation layer's own query and cached keys,
+# SPEC section 3 rule 1). The others are FastV's peers, for the bench's side-by-side
+# rows: "eager-weights" runs the language model in eager attention and reads the
+# observation layer's weights from its own forward, every query's row materialised (FastV's
+# reference code, output_attentions at layer K-1); "layer-rerun" runs the observation
+# layer a second time in eager attention on its input to get those weights (LightCompress).
+SCORINGS = ("row", "eager-weights", "layer-rerun")
 
 # The oldest and newest transformers releases the test suite passed on (pyproject.toml's
 # floor and the version in requirements.lock; tests/test_install.py keeps them in step).
@@ -95,14 +109,24 @@ def _cache_argument(language_class: type, layer_class: type) -> str:
 
 @dataclass
 class _KeyLayout:
-    """The keys one or more decoder layers hold: timeline positions per row."""
+    """The keys one or more decoder layers hold: timeline positions per row.
+
+    The first P entries of every row hold prompt positions (and filler); each entry
+    after them is a generated token, appended at its step and never dropped. What a
+    prompt entry is (its image slot, its token group) therefore holds from one drop to
+    the next, and is carried here rather than looked up from the timeline at every step."""
 
     index: torch.Tensor  # (B, L) timeline positions, ascending per row
     valid: torch.Tensor  # (B, L) False for filler entries
     img_kept: torch.Tensor  # (B, N) which image slots the layers attend to
+    entry_slot: torch.Tensor  # (B, P) image slot of each prompt entry, -1 for the others
+    entry_group: torch.Tensor  # (B, P) token group of each prompt entry, an index into GROUPS
     # (B, L) True for cached image entries hidden from attention at this step: policies
     # that re-select among all image tokens at every step (mode=mask) keep them cached
     hidden: torch.Tensor | None = None
+    # whether some row may hold filler (rows that kept different counts); without it
+    # and without hidden entries every entry is attended, known without a look at ``valid``
+    filler: bool = False
 
     def appended(self, positions: torch.Tensor) -> "_KeyLayout":
         batch = self.index.shape[0]
@@ -112,16 +136,29 @@ class _KeyLayout:
             torch.cat([self.index, new], dim=1),
             torch.cat([self.valid, ~no], dim=1),
             self.img_kept,
+            self.entry_slot,
+            self.entry_group,
             None if self.hidden is None else torch.cat([self.hidden, no], dim=1),
+            self.filler,
         )
 
     def select_rows(self, rows: torch.Tensor) -> "_KeyLayout":
         hidden = None if self.hidden is None else self.hidden[rows]
-        return _KeyLayout(self.index[rows], self.valid[rows], self.img_kept[rows], hidden)
+        return _KeyLayout(self.index[rows], self.valid[rows], self.img_kept[rows], self.entry_slot[rows],
+                          self.entry_group[rows], hidden, self.filler)
+
+    @property
+    def generated(self) -> int:
+        """Entries after the prompt's: the tokens generated so far."""
+        return self.index.shape[1] - self.entry_slot.shape[1]
 
     def attended(self) -> torch.Tensor:
         """(B, L) the entries queries may attend to."""
         return self.valid if self.hidden is None else self.valid & ~self.hidden
+
+    @property
+    def attends_all(self) -> bool:
+        return self.hidden is None and not self.filler
 
 
 def _token_groups(is_image: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
@@ -137,11 +174,24 @@ def _token_groups(is_image: torch.Tensor, prompt_lengths: torch.Tensor) -> torch
     return groups
 
 
+_RESPONSE = GROUPS.index("response")
+
+
 def _sum_by_group(probs: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """(..., len(GROUPS)): attention rows ``probs`` (..., L) summed over the keys of each
     token group; ``groups`` (L positions' group indices) broadcasts to ``probs``."""
     summed = probs.new_zeros(*probs.shape[:-1], len(GROUPS))
     return summed.scatter_add_(-1, groups.expand_as(probs), probs)
+
+
+def _slot_table(img_pos: torch.Tensor, img_present: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, length) image slot of each position, -1 for non-image positions."""
+    batch, slots = img_pos.shape
+    table = torch.full((batch, length), -1, dtype=torch.long, device=img_pos.device)
+    slot_ids = torch.arange(slots, device=img_pos.device).expand(batch, -1)
+    rows = torch.arange(batch, device=img_pos.device)[:, None].expand(-1, slots)
+    table[rows[img_present], img_pos[img_present]] = slot_ids[img_present]
+    return table
 
 
 def _image_slots(is_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,20 +217,6 @@ class _GenerationState:
         self.scored_keys = torch.zeros(img_pos.shape[0], num_layers, dtype=torch.long, device=img_pos.device)
         self.decision: dict[str, torch.Tensor] = {}  # this step's observed decision, for the plan
 
-    def group_of_position(self) -> torch.Tensor:
-        """(B, length) token group of each timeline position (see ``_token_groups``)."""
-        prompt_lengths = torch.full((self.img_pos.shape[0],), self.prompt_length, device=self.img_pos.device)
-        return _token_groups(self.slot_of_position() >= 0, prompt_lengths)
-
-    def slot_of_position(self) -> torch.Tensor:
-        """(B, length) image slot of each timeline position, -1 for non-image positions."""
-        batch, slots = self.img_pos.shape
-        table = torch.full((batch, self.length), -1, dtype=torch.long, device=self.img_pos.device)
-        slot_ids = torch.arange(slots, device=self.img_pos.device).expand(batch, -1)
-        rows = torch.arange(batch, device=self.img_pos.device)[:, None].expand(-1, slots)
-        table[rows[self.img_present], self.img_pos[self.img_present]] = slot_ids[self.img_present]
-        return table
-
     def reorder(self, rows: torch.Tensor) -> None:
         rows = rows.to(self.img_pos.device)
         self.img_pos, self.img_present = self.img_pos[rows], self.img_present[rows]
@@ -188,6 +224,26 @@ class _GenerationState:
         self.layouts = [reordered.setdefault(id(lay), lay.select_rows(rows)) for lay in self.layouts]
         self.plan.reorder(rows)
         self.decision = {name: value[rows] for name, value in self.decision.items()}
+
+
+class _OutputCapture:
+    """Keeps what ``module`` returns while the context is open (nothing for None)."""
+
+    def __init__(self, module):
+        self.module = module
+        self.output = None
+
+    def __enter__(self):
+        if self.module is not None:
+            self._handle = self.module.register_forward_hook(self._keep)
+        return self
+
+    def _keep(self, module, args, output):
+        self.output = output
+
+    def __exit__(self, *exc):
+        if self.module is not None:
+            self._handle.remove()
 
 
 def _compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,11 +265,13 @@ class _MaskCache:
         for built_for, mask in self._built:
             if built_for is layout:
                 return mask
-        attended = layout.attended()
-        if timeline_mask is None and bool(attended.all()):
+        if timeline_mask is None and layout.attends_all:
             key_mask = None
+            if hidden.shape[1] == 1:  # one query that may see every cached key: nothing to mask
+                self._built.append((layout, None))
+                return None
         else:
-            key_mask = attended
+            key_mask = layout.attended()
             if timeline_mask is not None:
                 key_mask = key_mask & timeline_mask.gather(1, layout.index)
         mask = create_causal_mask(
@@ -235,26 +293,33 @@ def _gather_rows(tensor: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     return tensor.gather(1, index)
 
 
-def _attention_rows(layer, apply_rotary, layer_input, rotary, pick, key_ok, keys=None) -> torch.Tensor:
-    """(B, heads, T, L) attention of the rows ``pick`` (B, T) of ``layer_input`` at the
-    decoder ``layer``: its own post-rotary queries against its keys (``keys`` from the
-    cache, else computed from ``layer_input``), softmax where ``key_ok`` (B, T, L)
-    allows. Costs one query projection per row; the layer itself keeps its fast
-    attention kernel."""
+def _attention_rows(layer, apply_rotary, layer_input, rotary, pick, key_ok, keys=None, projected=None) -> torch.Tensor:
+    """(B, heads, T, L) attention of the rows ``pick`` (B, T) of ``layer_input`` (all
+    of its rows for None) at the decoder ``layer``: its own post-rotary queries against
+    its keys (``keys`` from the cache, else computed from ``layer_input``), softmax where
+    ``key_ok`` (B, T, L) allows (everywhere for None). Costs one query projection per row unless
+    ``projected``, the layer's own query projection of every row of ``layer_input``, was
+    kept while it ran; the layer itself keeps its fast attention kernel."""
     attn = layer.self_attn
-    batch, rows = pick.shape
     head_dim = attn.head_dim
     cos, sin = rotary
-    normed = layer.input_layernorm(_gather_rows(layer_input, pick))
-    query = attn.q_proj(normed).view(batch, rows, -1, head_dim).transpose(1, 2)  # (B, H, T, hd)
-    query = apply_rotary(query, query, _gather_rows(cos, pick), _gather_rows(sin, pick))[0]
+    picked = (lambda tensor: tensor) if pick is None else (lambda tensor: _gather_rows(tensor, pick))
+    if projected is None:
+        projected = attn.q_proj(layer.input_layernorm(picked(layer_input)))
+    else:
+        projected = picked(projected)
+    batch, rows = projected.shape[:2]
+    query = projected.view(batch, rows, -1, head_dim).transpose(1, 2)  # (B, H, T, hd)
+    query = apply_rotary(query, query, picked(cos), picked(sin))[0]
     if keys is None:
         keys = attn.k_proj(layer.input_layernorm(layer_input)).view(batch, layer_input.shape[1], -1, head_dim).transpose(1, 2)
         keys = apply_rotary(keys, keys, cos, sin)[0]
     kv_heads = keys.shape[1]
-    query = query.reshape(batch, kv_heads, -1, rows, head_dim)  # head h uses kv head h // groups
-    logits = torch.matmul(query, keys[:, :, None].transpose(-1, -2)).float() * attn.scaling  # (B, Hkv, groups, T, L)
-    logits = logits.flatten(1, 2).masked_fill(~key_ok[:, None], float("-inf"))
+    query = query.reshape(batch, kv_heads, -1, head_dim)  # head h uses kv head h // groups: (B, Hkv, groups * T, hd)
+    logits = torch.matmul(query, keys.transpose(-1, -2)).float() * attn.scaling  # (B, Hkv, groups * T, L)
+    logits = logits.view(batch, -1, rows, logits.shape[-1])
+    if key_ok is not None:
+        logits = logits.masked_fill(~key_ok[:, None], float("-inf"))
     return logits.softmax(-1)
 
 
@@ -266,6 +331,8 @@ class _PrunedDecoderMixin:
     _dyrate_cache_argument: str
     _dyrate_prompt_ids: torch.Tensor | None
     _dyrate_rotary: Callable
+    _dyrate_scoring: str
+    _dyrate_arch: Arch
     last_plan: ExecutedPlan | None
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None, **kwargs):
@@ -311,7 +378,8 @@ class _PrunedDecoderMixin:
                 "the pruned language model must be called through the LLaVA model with input_ids, "
                 "so that the image span can be found from the image token id"
             )
-        img_pos, img_present = _image_slots(prompt_ids.to(device) == self._dyrate_image_token_id)
+        is_image = prompt_ids.to(device) == self._dyrate_image_token_id
+        img_pos, img_present = _image_slots(is_image)
         state = _GenerationState(img_pos, img_present, length, len(self.layers))
         if cache is not None:
             setattr(cache, _STATE_ATTR, state)
@@ -335,35 +403,40 @@ class _PrunedDecoderMixin:
             torch.arange(length, device=device).expand(batch, -1),
             torch.ones(batch, length, dtype=torch.bool, device=device),
             img_present.clone(),
+            _slot_table(img_pos, img_present, length),
+            _token_groups(is_image, torch.full((batch,), length, device=device)),
         )
         full_hidden = None  # the last hidden state of every prompt position, once some are dropped
-        hidden, masks, layer_input = embeds, _MaskCache(), None
+        hidden, masks, layer_input, projected = embeds, _MaskCache(), None, None
         for layer_idx, layer in enumerate(self.layers):
             if layer_idx > 0:
                 img_kept = self._dyrate_select(
-                    state, layer_idx, layout, layer_input, (cos, sin), query_timeline, attention_mask, cache, q_row=None
+                    state, layer_idx, layout, layer_input, projected, (cos, sin), query_timeline, attention_mask, cache,
+                    q_row=None,
                 )
                 if img_kept is not None and not self._dyrate_policy.progressive:
-                    layout = self._dyrate_masked(layout, img_kept, state.slot_of_position())
+                    layout = self._dyrate_masked(layout, img_kept)
                 elif img_kept is not None:
                     if full_hidden is None:
                         full_hidden = hidden.new_zeros(batch, length, hidden.shape[-1])
                     self._dyrate_scatter_rows(full_hidden, hidden, layout)
-                    layout, local = self._dyrate_filter(layout, img_kept, state.slot_of_position())
+                    layout, local = self._dyrate_filter(layout, img_kept)
                     hidden = _gather_rows(hidden, local)
                     cos, sin = _gather_rows(cos, local), _gather_rows(sin, local)
             state.layouts[layer_idx] = layout
             layer_input = hidden
-            hidden = layer(
-                hidden,
-                attention_mask=masks.get(self, hidden, layout, attention_mask, cache, layer_idx),
-                position_embeddings=(cos, sin),
-                # gapped original ids would read as packed sequences to some kernels
-                position_ids=position_ids if layout is full_layout else None,
-                use_cache=cache is not None,
-                **{self._dyrate_cache_argument: cache},
-                **kwargs,
-            )
+            with self._dyrate_scoring_capture(layer, layer_idx, state.step) as capture:
+                hidden = layer(
+                    hidden,
+                    attention_mask=masks.get(self, hidden, layout, attention_mask, cache, layer_idx),
+                    position_embeddings=(cos, sin),
+                    # gapped original ids would read as packed sequences to some kernels
+                    position_ids=position_ids if layout is full_layout else None,
+                    use_cache=cache is not None,
+                    **{self._dyrate_cache_argument: cache},
+                    **kwargs,
+                )
+            projected = capture.output
         self._dyrate_record_step(state, attention_mask, new_tokens=length)
         if full_hidden is None:
             return hidden
@@ -384,11 +457,11 @@ class _PrunedDecoderMixin:
         appended: dict[int, _KeyLayout] = {}
         state.layouts = [appended.setdefault(id(lay), lay.appended(new_positions)) for lay in state.layouts]
         query_timeline = torch.full((batch,), state.length - 1, device=device)
-        hidden, masks, layer_input = embeds, _MaskCache(), None
+        hidden, masks, layer_input, projected = embeds, _MaskCache(), None, None
         for layer_idx, layer in enumerate(self.layers):
             if layer_idx > 0:
                 img_kept = self._dyrate_select(
-                    state, layer_idx, state.layouts[layer_idx], layer_input, (cos, sin), query_timeline,
+                    state, layer_idx, state.layouts[layer_idx], layer_input, projected, (cos, sin), query_timeline,
                     attention_mask, cache, q_row=new_tokens - 1,
                 )
                 if img_kept is not None and not self._dyrate_policy.progressive:
@@ -396,15 +469,17 @@ class _PrunedDecoderMixin:
                 elif img_kept is not None:
                     self._dyrate_evict(state, cache, layer_idx, img_kept, new_tokens)
             layer_input = hidden
-            hidden = layer(
-                hidden,
-                attention_mask=masks.get(self, hidden, state.layouts[layer_idx], attention_mask, cache, layer_idx),
-                position_embeddings=(cos, sin),
-                position_ids=position_ids,
-                use_cache=True,
-                **{self._dyrate_cache_argument: cache},
-                **kwargs,
-            )
+            with self._dyrate_scoring_capture(layer, layer_idx, state.step) as capture:
+                hidden = layer(
+                    hidden,
+                    attention_mask=masks.get(self, hidden, state.layouts[layer_idx], attention_mask, cache, layer_idx),
+                    position_embeddings=(cos, sin),
+                    position_ids=position_ids,
+                    use_cache=True,
+                    **{self._dyrate_cache_argument: cache},
+                    **kwargs,
+                )
+            projected = capture.output
         self._dyrate_record_step(state, attention_mask, new_tokens)
         return hidden
 
@@ -413,13 +488,12 @@ class _PrunedDecoderMixin:
 
         Their layouts already end with this step's ``new_tokens`` (always kept), which
         those layers have not cached yet."""
-        slot_table = state.slot_of_position()
         evicted: dict[int, tuple[_KeyLayout, torch.Tensor]] = {}
         for layer_idx in range(first_layer, len(self.layers)):
             old = state.layouts[layer_idx]
             if id(old) not in evicted:
                 kept = old.img_kept & img_kept
-                evicted[id(old)] = self._dyrate_filter(old, kept, slot_table)
+                evicted[id(old)] = self._dyrate_filter(old, kept)
             new_layout, local = evicted[id(old)]
             state.layouts[layer_idx] = new_layout
             cache_layer = cache.layers[layer_idx]
@@ -430,17 +504,32 @@ class _PrunedDecoderMixin:
 
     def _dyrate_mask_later_layers(self, state, first_layer, img_kept):
         """Attend to ``img_kept`` alone from ``first_layer`` on; every image token stays cached."""
-        slot_table = state.slot_of_position()
         masked: dict[int, _KeyLayout] = {}
         for layer_idx in range(first_layer, len(self.layers)):
             old = state.layouts[layer_idx]
-            state.layouts[layer_idx] = masked.setdefault(id(old), self._dyrate_masked(old, img_kept, slot_table))
+            if id(old) not in masked:
+                masked[id(old)] = self._dyrate_masked(old, img_kept)
+            state.layouts[layer_idx] = masked[id(old)]
 
     # -- shared pieces -----------------------------------------------------------------
 
-    def _dyrate_select(self, state, layer_idx, layout, layer_input, rotary, query_timeline, timeline_mask, cache, q_row):
+    def _dyrate_scoring_capture(self, layer, layer_idx, step):
+        """While ``layer`` runs, keep its query projection when the policy observes the
+        step's attention before the next layer: the scoring row then reuses it instead
+        of projecting the query again (at 7B width, reading a 4096 x 4096 weight matrix
+        once more at every decode step). With eager
+        weights, keep what the attention module returns (its output and weights) after
+        every layer, as the reference code has them at hand wherever it ranks."""
+        if self._dyrate_scoring == "eager-weights":
+            return _OutputCapture(layer.self_attn)
+        observed = layer_idx + 1 < len(self.layers) and self._dyrate_policy.observes(layer_idx + 1, step)
+        return _OutputCapture(layer.self_attn.q_proj if observed and self._dyrate_scoring == "row" else None)
+
+    def _dyrate_select(self, state, layer_idx, layout, layer_input, projected, rotary, query_timeline, timeline_mask, cache,
+                       q_row):
         """Ask the policy before ``layer_idx``, whose keys are ``layout`` so far. Returns
         the image slots to attend to from this layer on, or None when nothing changes.
+        ``projected`` is what ``_dyrate_scoring_capture`` kept of the previous layer.
 
         The slots are the top by the step's attention at layer_idx-1 (unless the policy
         ranks them itself) among the candidates: the slots still kept for a progressive
@@ -448,80 +537,129 @@ class _PrunedDecoderMixin:
         that re-selects at every step. A policy that observes this layer is shown the
         attention of the step's query per head and token group first."""
         policy = self._dyrate_policy
-        kept_now = layout.img_kept.sum(1)
-        candidates = layout.img_kept if policy.progressive else state.img_present
-        view = StepView(n_img=state.plan.n_img, kept=kept_now)
+        view = StepView(n_img=state.plan.n_img)
         probs = None
         if policy.observes(layer_idx, state.step):
-            probs = self._dyrate_attention_row(state, layer_idx - 1, layer_input, rotary, query_timeline, timeline_mask, cache, q_row)
+            probs = self._dyrate_attention_row(state, layer_idx - 1, layer_input, projected, rotary, query_timeline,
+                                               timeline_mask, cache, q_row)
             view.group_attention = self._dyrate_group_attention(state, layer_idx - 1, probs)
         keep = policy.keep_before_layer(layer_idx, state.step, view)
         if probs is not None:
+            n_img = state.plan.n_img
+            rerun_flops = state.decision.get("decision_flops")  # what scoring by a layer rerun cost, if it did
             state.decision = {
-                "chosen_keep": torch.full_like(kept_now, -1) if keep is None else keep.to(kept_now.device),
+                "chosen_keep": torch.full_like(n_img, -1) if keep is None else keep.to(n_img.device),
                 "group_attention": view.group_attention.mean(1),
-                "decision_flops": torch.full_like(kept_now, policy.decision_flops),
+                "decision_flops": torch.full_like(n_img, policy.decision_flops),
             }
+            if rerun_flops is not None:
+                state.decision["decision_flops"] += rerun_flops
         if keep is None:
             return None
-        keep = torch.minimum(keep.to(kept_now.device), candidates.sum(1))
+        kept_now = layout.img_kept.sum(1)
+        candidates = layout.img_kept if policy.progressive else state.img_present
+        keep = torch.minimum(keep.to(kept_now.device), kept_now if policy.progressive else candidates.sum(1))
         if policy.progressive and torch.equal(keep, kept_now):
             return None
         if bool((keep == 0).all()):
             return torch.zeros_like(layout.img_kept)
         if policy.ranks_by_attention:
             if probs is None:
-                probs = self._dyrate_attention_row(state, layer_idx - 1, layer_input, rotary, query_timeline, timeline_mask, cache, q_row)
+                probs = self._dyrate_attention_row(state, layer_idx - 1, layer_input, projected, rotary, query_timeline,
+                                                   timeline_mask, cache, q_row)
             scores = self._dyrate_image_scores(state, layer_idx - 1, probs)
         else:
             scores = policy.selection_scores(candidates)
         return top_slots(scores, candidates, keep)
 
     @staticmethod
-    def _dyrate_masked(layout, img_kept, slot_table):
+    def _dyrate_masked(layout, img_kept):
         """The layout with the image entries not in ``img_kept`` hidden (still cached)."""
-        entry_slot = slot_table.gather(1, layout.index)
-        is_kept_image = img_kept.gather(1, entry_slot.clamp(min=0))
-        return _KeyLayout(layout.index, layout.valid, img_kept, (entry_slot >= 0) & ~is_kept_image)
+        slot = layout.entry_slot
+        hidden = (slot >= 0) & ~img_kept.gather(1, slot.clamp(min=0))
+        hidden = torch.cat([hidden, hidden.new_zeros(hidden.shape[0], layout.generated)], dim=1)
+        return _KeyLayout(layout.index, layout.valid, img_kept, slot, layout.entry_group, hidden, layout.filler)
 
     @staticmethod
-    def _dyrate_filter(layout, img_kept, slot_table):
-        """The layout without the image slots that are not in ``img_kept``."""
-        entry_slot = slot_table.gather(1, layout.index)
-        is_kept_image = img_kept.gather(1, entry_slot.clamp(min=0))
-        keep = layout.valid & ((entry_slot < 0) | is_kept_image)
-        local, valid = _compact(keep)
-        return _KeyLayout(layout.index.gather(1, local), valid, img_kept), local
+    def _dyrate_filter(layout, img_kept):
+        """The layout without the image slots that are not in ``img_kept``, and the
+        local indices of its entries in the old one."""
+        slot = layout.entry_slot
+        prompt = slot.shape[1]
+        keep_prompt = layout.valid[:, :prompt] & ((slot < 0) | img_kept.gather(1, slot.clamp(min=0)))
+        local, valid = _compact(torch.cat([keep_prompt, layout.valid[:, prompt:]], dim=1))
+        # generated entries are never dropped: they stay the last ones
+        prompt_local = local[:, : local.shape[1] - layout.generated]
+        kept = _KeyLayout(layout.index.gather(1, local), valid, img_kept, slot.gather(1, prompt_local),
+                          layout.entry_group.gather(1, prompt_local), filler=not bool(valid.all()))
+        return kept, local
 
-    def _dyrate_attention_row(self, state, obs_layer, layer_input, rotary, query_timeline, timeline_mask, cache, q_row):
+    def _dyrate_attention_row(self, state, obs_layer, layer_input, projected, rotary, query_timeline, timeline_mask,
+                              cache, q_row):
         """(B, heads, L) attention of the step's query at ``obs_layer``: softmax over the
         keys that layer attends to, in the order of its layout's entries (0 elsewhere)."""
         layout = state.layouts[obs_layer]
         batch = layer_input.shape[0]
+        key_ok = layout.attended()
         if q_row is None:  # prefill: the last real prompt token, at its place in this layer's rows
             pick = (layout.index == query_timeline[:, None]).to(torch.int8).argmax(1)[:, None]
-        else:
-            pick = torch.full((batch, 1), q_row, device=layer_input.device)
-        key_ok = layout.attended() & (layout.index <= query_timeline[:, None])
+            key_ok = key_ok & (layout.index <= query_timeline[:, None])
+        else:  # decode: every cached entry precedes the step's newest token (the only one, mostly)
+            pick = None if layer_input.shape[1] == 1 else torch.full((batch, 1), q_row, device=layer_input.device)
+            if timeline_mask is None and layout.attends_all:
+                key_ok = None
         if timeline_mask is not None:
-            key_ok &= timeline_mask.gather(1, layout.index)
-        state.scored_keys[:, obs_layer] = key_ok.sum(1)  # the batch-1 cost of this row, for FLOPs
+            key_ok = key_ok & timeline_mask.gather(1, layout.index)
+        if self._dyrate_scoring != "row":  # every query's weights (B, heads, rows, L), then the step's row
+            if self._dyrate_scoring == "eager-weights":  # they came with the layer's forward: no extra FLOPs
+                weights = projected[1]
+            else:
+                weights = self._dyrate_rerun_weights(state, obs_layer, layer_input, rotary, key_ok, q_row)
+            return weights.float()[:, :, 0] if pick is None else _gather_rows(weights.transpose(1, 2).float(), pick)[:, 0]
+        # the batch-1 cost of this row, for FLOPs
+        state.scored_keys[:, obs_layer] = layout.index.shape[1] if key_ok is None else key_ok.sum(1)
         keys = cache.layers[obs_layer].keys if cache is not None else None
-        return _attention_rows(self.layers[obs_layer], self._dyrate_rotary, layer_input, rotary, pick, key_ok[:, None, :], keys)[:, :, 0]
+        return _attention_rows(self.layers[obs_layer], self._dyrate_rotary, layer_input, rotary, pick,
+                               None if key_ok is None else key_ok[:, None, :], keys, projected)[:, :, 0]
+
+    def _dyrate_rerun_weights(self, state, obs_layer, layer_input, rotary, key_ok, q_row):
+        """(B, heads, L, L) LightCompress's way: the observation layer run again on its
+        input in eager attention, without the cache, for the weights of every query; its
+        FLOPs go into the plan as the decision's."""
+        if q_row is not None:
+            raise PruningConfigError(
+                f"method {self._dyrate_policy.name!r} selects at decode steps; scoring by rerunning layer K-1 "
+                "(LightCompress's way) reruns it on the prompt and can rank only at the prefill"
+            )
+        layer = self.layers[obs_layer]
+        with _attention_implementation(self, "eager"), _OutputCapture(layer.self_attn) as capture:
+            mask = create_causal_mask(config=self.config, inputs_embeds=layer_input, attention_mask=key_ok, position_ids=None,
+                                      **{self._dyrate_cache_argument: None})
+            layer(layer_input, attention_mask=mask, position_embeddings=rotary, position_ids=None, use_cache=False,
+                  **{self._dyrate_cache_argument: None})
+        rows = key_ok.sum(1)
+        state.decision["decision_flops"] = layer_flops(self._dyrate_arch, rows, rows)
+        return capture.output[1]
 
     @staticmethod
     def _dyrate_image_scores(state, obs_layer, probs):
         """(B, N) head-averaged attention of the step's query to each image slot."""
         layout = state.layouts[obs_layer]
-        by_position = probs.new_zeros(probs.shape[0], state.length)
-        by_position.scatter_(1, layout.index, probs.mean(1) * layout.valid)
-        return by_position.gather(1, state.img_pos)
+        slot, prompt = layout.entry_slot, layout.entry_slot.shape[1]
+        per_entry = probs[..., :prompt].mean(1) * layout.valid[:, :prompt]
+        # slot -1 (not an image token) lands in a spare first column
+        by_slot = per_entry.new_zeros(per_entry.shape[0], state.img_pos.shape[1] + 1)
+        return by_slot.scatter_(1, slot + 1, per_entry)[:, 1:]
 
     @staticmethod
     def _dyrate_group_attention(state, obs_layer, probs):
-        """(B, heads, len(GROUPS)) the step's attention per head summed over each token group."""
-        groups = state.group_of_position().gather(1, state.layouts[obs_layer].index)
-        return _sum_by_group(probs, groups[:, None, :])
+        """(B, heads, len(GROUPS)) the step's attention per head summed over each token group:
+        the prompt entries by their groups, the generated ones all in the response group."""
+        layout = state.layouts[obs_layer]
+        prompt = layout.entry_group.shape[1]
+        summed = _sum_by_group(probs[..., :prompt], layout.entry_group[:, None, :])
+        summed[..., _RESPONSE] += probs[..., prompt:].sum(-1)
+        return summed
 
     @staticmethod
     def _dyrate_scatter_rows(full, hidden, layout):
@@ -617,11 +755,16 @@ def _rotary_of(language_model) -> Callable:
     return inspect.getmodule(_own_class(language_model)).apply_rotary_pos_emb
 
 
-def install(model, policy: PruningPolicy):
-    """Put the executor into ``model`` (in place) with ``policy``; re-installing swaps the policy."""
+def install(model, policy: PruningPolicy, scoring: str = "row"):
+    """Put the executor into ``model`` (in place) with ``policy``; re-installing swaps the
+    policy. ``scoring`` other than "row" is one of FastV's peers (``SCORINGS``), for the bench."""
+    if scoring not in SCORINGS:
+        raise PruningConfigError(f"scoring={scoring!r} is not allowed: use one of {', '.join(SCORINGS)}")
     inner, language_model = _language_model(model)
     if not isinstance(language_model, _PrunedDecoderMixin):
         base = type(language_model)
+        language_model._dyrate_own_attention = language_model.config._attn_implementation
+        language_model._dyrate_arch = model_arch(model)
         pruned_class = type(f"Pruned{base.__name__}", (_PrunedDecoderMixin, base), {})
         language_model.__class__ = pruned_class
         language_model._dyrate_rotary = _rotary_of(language_model)
@@ -652,6 +795,10 @@ def install(model, policy: PruningPolicy):
         language_model._dyrate_image_token_id = token_id
         language_model._dyrate_hook = inner.register_forward_pre_hook(capture_prompt, with_kwargs=True)
     language_model._dyrate_policy = policy
+    language_model._dyrate_scoring = scoring
+    wanted = "eager" if scoring == "eager-weights" else language_model._dyrate_own_attention
+    if language_model.config._attn_implementation != wanted:
+        language_model.set_attn_implementation(wanted)
     return model
 
 
@@ -661,9 +808,11 @@ def uninstall(model):
     if isinstance(language_model, _PrunedDecoderMixin):
         language_model._dyrate_hook.remove()
         del model.generate  # the instance wrapper; the class method shows again
+        if language_model.config._attn_implementation != language_model._dyrate_own_attention:
+            language_model.set_attn_implementation(language_model._dyrate_own_attention)
         language_model.__class__ = _own_class(language_model)
         for name in ("_dyrate_policy", "_dyrate_rotary", "_dyrate_prompt_ids", "_dyrate_image_token_id", "_dyrate_hook",
-                     "_dyrate_cache_argument", "last_plan"):
+                     "_dyrate_cache_argument", "last_plan", "_dyrate_scoring", "_dyrate_own_attention", "_dyrate_arch"):
             delattr(language_model, name)
     return model
 
@@ -703,9 +852,9 @@ AttentionInterface.register(_WEIGHTED_ATTENTION, _key_weighted_attention)
 
 
 @contextlib.contextmanager
-def _key_weighted(language_model):
+def _attention_implementation(language_model, name: str):
     previous = language_model.config._attn_implementation
-    language_model.set_attn_implementation(_WEIGHTED_ATTENTION)
+    language_model.set_attn_implementation(name)
     try:
         yield
     finally:
@@ -787,7 +936,7 @@ class TeacherForcedPass:
         per_key = per_query.gather(2, slot_of_key[:, None, :].expand(-1, length, -1))  # (B, L, L)
         key_weights = torch.where(self.is_image[:, None, :], per_key, torch.ones_like(per_key))[:, None]
         hidden = self._hidden_at_K
-        with _key_weighted(self._language_model):
+        with _attention_implementation(self._language_model, _WEIGHTED_ATTENTION):
             for layer in self._language_model.layers[self.K:]:
                 hidden = layer(hidden, attention_mask=self._causal, position_embeddings=self._rotary,
                                position_ids=self._position_ids, dyrate_key_weights=key_weights)

@@ -78,11 +78,10 @@ SELECTION_SETTING = choice_setting("selection", SELECTIONS, "attention")
 
 @dataclass
 class StepView:
-    """What a policy may look at when deciding: per-sample image counts at this point,
-    and for a policy that observes this layer, what the step's query attends to."""
+    """What a policy may look at when deciding: per-sample image counts, and for a
+    policy that observes this layer, what the step's query attends to."""
 
     n_img: torch.Tensor  # (B,) image tokens in each sample's prompt
-    kept: torch.Tensor  # (B,) image tokens each sample still sees before this layer
     # (B, heads, len(plan.GROUPS)): the step's attention at the previous layer, per head,
     # summed over the system, image, instruction and response tokens
     group_attention: torch.Tensor | None = None
@@ -187,8 +186,9 @@ MODE_SETTING = choice_setting("mode", MODES, "progressive")
 
 
 def _parse_predictor(value: Any, arch: Arch) -> RatePredictor:
-    predictor = RatePredictor.load(value)
-    predictor.check_fits(arch, str(value))
+    """A predictor folder, or a predictor already built (the bench's random one)."""
+    predictor = value if isinstance(value, RatePredictor) else RatePredictor.load(value)
+    predictor.check_fits(arch, predictor.source if isinstance(value, RatePredictor) else str(value))
     return predictor
 
 
@@ -221,6 +221,11 @@ class DyRate(PruningPolicy):
         super().__init__(arch, values)
         self.K = self.predictor.K
         self.decision_flops = self.predictor.flops
+        self.predictor.requires_grad_(False)  # it only infers here: no autograd bookkeeping at every step
+        # the keep count of each rate for the image counts of the generation running
+        # (the executor hands the same counts to every step of one generation)
+        self._counts_for: torch.Tensor | None = None
+        self._keep_counts: torch.Tensor | None = None
 
     @property
     def progressive(self) -> bool:
@@ -236,8 +241,13 @@ class DyRate(PruningPolicy):
     def keep_before_layer(self, layer, step, view):
         if layer != self.K:
             return None
-        with torch.no_grad():
-            return self.predictor.to(view.group_attention.device).choose_keep(view.group_attention, view.n_img)
+        device = view.group_attention.device
+        if self.predictor.feature_mean.device != device:  # moved once, not at every step
+            self.predictor.to(device)
+        if view.n_img is not self._counts_for:
+            self._counts_for, self._keep_counts = view.n_img, self.predictor.keep_counts(view.n_img)
+        rate = self.predictor(view.group_attention).argmax(-1, keepdim=True)
+        return self._keep_counts.gather(1, rate.to(self._keep_counts.device))[:, 0]
 
 
 class FixedPrune(PruningPolicy):

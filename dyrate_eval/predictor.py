@@ -81,11 +81,6 @@ class RatePredictor(torch.nn.Module):
         features = group_attention.flatten(-2).to(self.linear.weight.dtype)
         return self.linear((features - self.feature_mean) * self.feature_scale)
 
-    def choose_keep(self, group_attention: torch.Tensor, n_img: torch.Tensor) -> torch.Tensor:
-        """(B,) the image tokens to keep: the count of the highest-logit rate, as training counts it."""
-        index = self(group_attention).argmax(-1)
-        return self.keep_counts(n_img).gather(1, index[:, None].to(n_img.device))[:, 0]
-
     def keep_counts(self, n_img: torch.Tensor) -> torch.Tensor:
         """(B, rates): the image tokens each rate keeps, round((1 - r) * N)."""
         rates = torch.tensor(self.rates, dtype=torch.float64, device=n_img.device)

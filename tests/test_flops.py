@@ -113,7 +113,7 @@ def test_flops_command_refuses_bad_input():
     assert code == 2 and "argument --new-tokens: '-3' is not a whole number >= 1" in err
 
 
-@pytest.mark.parametrize("name", ["llava-1.5-7b", "llava-1.5-13b", "llava-1.5-7b-cpu"])
+@pytest.mark.parametrize("name", ["llava-1.5-7b", "llava-1.5-13b", "llava-1.5-7b-cpu", "llava-1.5-7b-4layers"])
 def test_random_weight_configs_have_the_named_shape(name):
     """bench builds its random 7B / 13B models from these configs."""
     arch = ARCHS[name]
