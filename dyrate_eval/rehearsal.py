@@ -58,7 +58,8 @@ def _renumbered_tokenizer(source: Path):
     """The embedded tokenizer with LLaVA-1.5's ids: its own tokens keep their ids, the
     ids up to 32000 are filled with unused tokens, then ``<image>`` and ``<pad>``."""
     from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
+
+    from .tiny_model import llava_tokenizer
 
     spec = json.loads((source / "tokenizer.json").read_text())
     vocab = spec["model"]["vocab"]
@@ -70,15 +71,7 @@ def _renumbered_tokenizer(source: Path):
     vocab.update(moved)
     for added in spec["added_tokens"]:
         added["id"] = moved.get(added["content"], added["id"])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_PLACEHOLDER},
-        padding_side="left",
-    )
+    tokenizer = llava_tokenizer(Tokenizer.from_str(json.dumps(spec)))
     return tokenizer, {old_ids[token]: new_id for token, new_id in moved.items()}
 
 
