@@ -53,7 +53,9 @@ _SAMPLING_KEYS = ("temperature", "top_p", "top_k")
 def _output_path(argv: list[str]) -> Path | None:
     """lmms-eval's --output_path, refused when it cannot be written: lmms-eval writes its
     results only when every doc is done, and then only warns when it cannot."""
-    parser = argparse.ArgumentParser(add_help=False)
+    # no abbreviations: dyrate-eval's own commands build these models too, and their
+    # --out would otherwise read as --output_path
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--output_path")
     output_path = parser.parse_known_args(argv)[0].output_path
     if not output_path:

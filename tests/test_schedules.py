@@ -4,6 +4,8 @@ P-Sigmoid and VTW's choice of K."""
 import functools
 import json
 import math
+import sys
+from unittest import mock
 from pathlib import Path
 
 import pytest
@@ -222,8 +224,12 @@ def calibration_args(tiny_dir):
 @pytest.fixture(scope="module")
 def gsearch_run(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("gsearch") / "gsearch_kl.json"
-    code = dyrate_eval(["gsearch", *calibration_args(tiny_dir), "--criterion", "kl", "--tolerance", "0.04",
-                        "--grid", "0,0.25,0.5", "--out", str(out)])
+    args = ["gsearch", *calibration_args(tiny_dir), "--criterion", "kl", "--tolerance", "0.04", "--grid", "0,0.25,0.5",
+            "--out", str(out)]
+    # the command line as the installed command sees it: the search builds the lmms-eval
+    # model, which reads lmms-eval's --output_path from it (and must not take --out for it)
+    with mock.patch.object(sys, "argv", ["dyrate-eval", *args]):
+        code = dyrate_eval(args)
     assert code == 0
     return out
 
