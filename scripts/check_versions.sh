@@ -40,18 +40,16 @@ case "$which" in
     ;;
 esac
 echo "[check] versions that differ from requirements.lock:"
-"$python" -m pip list --format=freeze 2>/dev/null | sort >"${TMPDIR:-/tmp}/check-installed.$$"
-"$python" - "${TMPDIR:-/tmp}/check-installed.$$" <<'PY'
-import importlib.metadata, re, sys
-locked = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", open("requirements.lock").read(), flags=re.M))
+"$python" - <<'PY'
+import importlib.metadata, re
 norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
-locked = {norm(k): v for k, v in locked.items()}
-installed = {norm(k): v for k, v in (line.strip().split("==", 1) for line in open(sys.argv[1]) if "==" in line)}
+locked = {norm(name): version for name, version in
+          re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", open("requirements.lock").read(), flags=re.M)}
+installed = {norm(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
 import transformers  # what the tests will import (an overlay wins over .venv)
 installed["transformers"] = transformers.__version__
 changed = [f"  {name}: {locked[name]} -> {installed.get(name, 'not installed')}"
            for name in sorted(locked) if installed.get(name) != locked[name]]
 print("\n".join(changed) or "  none")
 PY
-rm -f "${TMPDIR:-/tmp}/check-installed.$$"
 "$python" -m pytest "$@"
