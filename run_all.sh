@@ -272,7 +272,7 @@ for cell in "${cells[@]}"; do
   run_cell "$cell"
 done
 
-# Layer schedules (embedded only; dyrate_eval/schedules.py), searched after the grid:
+# Layer schedules (embedded only; dyrate_eval/search/), searched after the grid:
 # G-Search with the KL and with the score criterion, P-Sigmoid at a 40% FLOPs budget
 # (both calibrated on the first 100 docs of shapes_vqa) and VTW's K by its KL rule on 20.
 # Each search writes its schedule file last, so a rerun skips a finished search (--force

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from . import hf_llava
-from .errors import PruningConfigError
-from .methods import PruningPolicy, make_policy
-from .plan import ExecutedPlan
+from .core import hf_llava
+from .core.plan import ExecutedPlan
+from .core.policy import PruningPolicy
+from .methods import make_policy
 
 
 def apply_pruning(model, *, method: str, **settings: Any):
@@ -37,14 +35,3 @@ def executed_plan(model) -> ExecutedPlan | None:
     """The plan of the model's most recent prefill and the decode steps after it."""
     return hf_llava.last_plan(model)
 
-
-DTYPES = ("float32", "float16", "bfloat16")
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` is float16 on a GPU and float32 on a CPU; else one of ``DTYPES``."""
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise PruningConfigError(f"dtype={dtype!r} is not allowed: dtype must be one of auto, {', '.join(DTYPES)}")
-    return getattr(torch, dtype)

@@ -34,10 +34,11 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from dyrate_eval import EMBEDDED_MODEL_DIR, PruningConfigError, executed_plan
 from dyrate_eval.arch import Arch, llava_config
-from dyrate_eval.hf_llava import install
-from dyrate_eval.measure import BatchTiming, generated_lengths, sample_measurements, timed_generate
-from dyrate_eval.methods import DEFAULT_METHOD, LMMS_MODELS, make_policy
-from dyrate_eval.pruning import resolve_dtype
+from dyrate_eval.core.hf_llava import install
+from dyrate_eval.core.policy import PruningPolicy
+from dyrate_eval.harness import DEFAULT_METHOD, LMMS_MODELS, resolve_dtype
+from dyrate_eval.measure.timing import BatchTiming, generated_lengths, sample_measurements, timed_generate
+from dyrate_eval.methods import make_policy
 from dyrate_eval.prompts import IMAGE_PLACEHOLDER, llava_prompt
 
 # Without pretrained= the wrappers run the embedded model, which works offline; real
@@ -179,6 +180,9 @@ class PrunedLlava(lmms):
         ).eval()
         install(self._model, policy)
         self.policy = policy
+        # lmms-eval's evaluate() ends by deleting a model's modules (to free memory for a
+        # judge model); a model evaluated again (the schedule searches) keeps them
+        self.keep_weights = False
         self.processor = AutoProcessor.from_pretrained(pretrained)
         self.processor.tokenizer.padding_side = "left"  # batched generation
         self.tokenizer = self.processor.tokenizer
@@ -208,6 +212,15 @@ class PrunedLlava(lmms):
                 "use --model dyrate_llava to choose the method"
             )
         return fixed_method
+
+    def use_policy(self, policy: PruningPolicy) -> None:
+        """Run ``policy`` from the next request on (the model stays loaded)."""
+        install(self._model, policy)
+        self.policy = policy
+
+    def clean(self) -> None:
+        if not self.keep_weights:
+            super().clean()
 
     @property
     def method(self) -> str:
@@ -264,6 +277,11 @@ class PrunedLlava(lmms):
         if "pixel_values" in inputs:  # not for a batch of text-only prompts
             inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
         return inputs
+
+    def encode_requests(self, contexts: list[str], visuals: list[list]) -> dict:
+        """Inputs for requests' contexts and images, prompted as ``generate_until`` prompts them."""
+        prompts = [self._prompt(context, images) for context, images in zip(contexts, visuals)]
+        return self._encode(prompts, [image for images in visuals for image in images])
 
     @staticmethod
     def _prompt(context: str, images: list) -> str:

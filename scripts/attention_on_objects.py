@@ -21,10 +21,10 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from dyrate_eval.embedded import EMBEDDED_MODEL_DIR
 from dyrate_eval.prompts import llava_prompt
-from dyrate_eval.ranking import top_slots
-from dyrate_eval.shapes_tasks import CAPTION_PROMPT, EVAL_SEED, SCENE_RANGES
-from dyrate_eval.train_embedded import patch_owner
-from dyrate_eval.world import render, sample_scene
+from dyrate_eval.core.selection import top_slots
+from dyrate_eval.embedded.tasks import CAPTION_PROMPT, EVAL_SEED, SCENE_RANGES
+from dyrate_eval.embedded.examples import patch_owner
+from dyrate_eval.embedded.world import render, sample_scene
 
 RANDOM_DRAWS = 200
 RATE = 0.5

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from dyrate_eval.prompts import llava_prompt
-from dyrate_eval.tiny_model import save_tiny_llava
+from dyrate_eval.embedded.model import save_tiny_llava
 
 
 def pytest_report_header(config):

@@ -114,3 +114,107 @@ def group_shares(weights, image_positions, prompt_length):
     response = positions >= prompt_length
     instruction = ~is_image & ~system & ~response
     return torch.stack([weights[:, group].sum(-1) for group in (system, is_image, instruction, response)], dim=-1)
+
+
+class PolicyMaskedReference:
+    """Any policy run on the unmodified eager model by masking instead of removing.
+
+    Before decoder layer l >= 1 of every forward it asks the policy how many image
+    tokens to keep, as the core applies a count (a progressive policy only drops, from
+    what layer l still sees; one that re-selects chooses among all image tokens), ranks
+    the candidates by the policy's own ``score`` over signals taken here from the eager
+    model (the last query's head-averaged weights at layer l-1, layer l-1's cached keys,
+    layer l's input), and masks the others out of layer l and the layers after it: for
+    good when progressive, until the next selection otherwise. Batch rows must be left
+    padded, so that each row's last position is its query."""
+
+    def __init__(self, model, policy, image_positions_per_row, prompt_length):
+        from dyrate_eval.core.policy import RankingSignals, StepView
+
+        self.policy, self.positions, self.prompt_length = policy, image_positions_per_row, prompt_length
+        self.step, self.weights, self.hidden = -1, {}, {}
+        layers = model.model.language_model.layers
+        self.num_layers = len(layers)
+        self.kept = None  # per layer, per row: the image positions that layer attends to
+        self.handles = []
+        for index, layer in enumerate(layers):
+            self.handles.append(layer.self_attn.register_forward_hook(self._keep_weights(index)))
+            self.handles.append(layer.register_forward_pre_hook(self._keep_hidden(index), with_kwargs=True))
+            self.handles.append(layer.self_attn.register_forward_pre_hook(self._select_and_mask(index), with_kwargs=True))
+        reference = self
+
+        class Signals(RankingSignals):
+            def __init__(self, layer, cache, candidates):
+                super().__init__(layer, reference.step, candidates, torch.stack(reference.positions))
+                self._cache = cache
+
+            def attention(self):
+                weights = reference.weights[self.layer - 1]  # (B, H, q, keys)
+                return torch.stack([weights[row, :, -1, positions].float().mean(0)
+                                    for row, positions in enumerate(reference.positions)])
+
+            def keys(self):
+                keys = self._cache.layers[self.layer - 1].keys  # (B, kv heads, keys, head dim)
+                return torch.stack([keys[row][:, positions] for row, positions in enumerate(reference.positions)])
+
+            def hidden(self):
+                states = reference.hidden[self.layer]
+                return torch.stack([states[row, positions] for row, positions in enumerate(reference.positions)])
+
+            def add_flops(self, flops):
+                pass
+
+        self.Signals, self.StepView = Signals, StepView
+
+    def _keep_weights(self, index):
+        def hook(module, args, output):
+            self.weights[index] = output[1]
+        return hook
+
+    def _keep_hidden(self, index):
+        def hook(module, args, kwargs):
+            if index == 0:
+                self.step += 1
+                if self.kept is None:
+                    self.kept = [[positions.clone() for positions in self.positions] for _ in range(self.num_layers)]
+            self.hidden[index] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def _select_and_mask(self, index):
+        def hook(module, args, kwargs):
+            if index > 0:
+                self._select(index, kwargs.get("cache", kwargs.get("past_key_values")))
+            mask = kwargs["attention_mask"].clone()
+            blocked = torch.finfo(mask.dtype).min if mask.dtype.is_floating_point else False
+            for row, positions in enumerate(self.positions):
+                mask[row, :, :, positions[~torch.isin(positions, self.kept[index][row])]] = blocked
+            kwargs["attention_mask"] = mask
+            return args, kwargs
+        return hook
+
+    def _select(self, layer, cache):
+        policy, rows = self.policy, range(len(self.positions))
+        n_img = torch.tensor([len(positions) for positions in self.positions])
+        view = self.StepView(n_img=n_img)
+        if policy.observes(layer, self.step):
+            weights = self.weights[layer - 1]
+            view.group_attention = torch.stack([group_shares(weights[row, :, -1, :].float(), self.positions[row],
+                                                             self.prompt_length) for row in rows])
+        asked = policy.keep_before_layer(layer, self.step, view)
+        if asked is None:
+            return
+        slots = [torch.isin(positions, self.kept[layer][row]) for row, positions in enumerate(self.positions)]
+        candidates = torch.stack(slots) if policy.progressive else torch.ones(len(rows), int(n_img.max()), dtype=torch.bool)
+        keep = torch.minimum(asked, candidates.sum(1))
+        if policy.progressive and torch.equal(keep, candidates.sum(1)):
+            return
+        scores = policy.score(self.Signals(layer, cache, candidates)).masked_fill(~candidates, float("-inf"))
+        for row, positions in enumerate(self.positions):
+            chosen = positions[scores[row].topk(int(keep[row])).indices] if int(keep[row]) else positions[:0]
+            for later in range(layer, self.num_layers):
+                current = self.kept[later][row]
+                self.kept[later][row] = (current[torch.isin(current, chosen)] if policy.progressive else chosen).sort().values
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()

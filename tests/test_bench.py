@@ -9,10 +9,10 @@ import torch
 
 from dyrate_eval import PruningConfigError, apply_pruning, executed_plan
 from dyrate_eval.arch import Arch, load_arch
-from dyrate_eval.bench import PEERS, parse_methods, run_bench, summarize_bench, with_peers
-from dyrate_eval.flops import layer_flops, plan_flops, scoring_flops
-from dyrate_eval.hf_llava import install
-from dyrate_eval.measure import peak_kv_bytes
+from dyrate_eval.measure.bench import PEERS, parse_methods, run_bench, summarize_bench, with_peers
+from dyrate_eval.measure.flops import layer_flops, plan_flops, scoring_flops
+from dyrate_eval.core.hf_llava import install
+from dyrate_eval.measure.timing import peak_kv_bytes
 from dyrate_eval.methods import METHODS, make_policy
 
 from .conftest import load_model

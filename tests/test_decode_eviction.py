@@ -3,8 +3,8 @@
 import torch
 
 from dyrate_eval import executed_plan
-from dyrate_eval.hf_llava import install, model_arch
-from dyrate_eval.methods import PruningPolicy
+from dyrate_eval.core.hf_llava import install, model_arch
+from dyrate_eval.core.policy import PruningPolicy
 
 from .conftest import load_model
 from .reference import ProgressiveEviction, greedy, image_positions

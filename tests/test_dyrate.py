@@ -12,14 +12,16 @@ from transformers import AutoProcessor
 
 from dyrate_eval import PruningConfigError, apply_pruning, executed_plan
 from dyrate_eval.arch import load_arch
-from dyrate_eval.flops import kept_count_flops, plan_flops, simulate_plan
-from dyrate_eval.hf_llava import TeacherForcedPass, model_arch
+from dyrate_eval.core.simulate import simulate_plan
+from dyrate_eval.measure.flops import kept_count_flops, plan_flops
+from dyrate_eval.core.hf_llava import model_arch
+from dyrate_eval.dyrate.teacher_forced import TeacherForcedPass
 from dyrate_eval.methods import make_policy
-from dyrate_eval.plan import GROUPS
-from dyrate_eval.predictor import RatePredictor, kept_masks
-from dyrate_eval.tiny_model import save_tiny_llava
+from dyrate_eval.core.plan import GROUPS
+from dyrate_eval.dyrate.predictor import RatePredictor, kept_masks
+from dyrate_eval.embedded.model import save_tiny_llava
 from dyrate_eval.embedded import EMBEDDED_MODEL_DIR
-from dyrate_eval.train_predictor import PredictorTrainConfig, ShapesExamples, encode, train_predictor
+from dyrate_eval.dyrate.train import PredictorTrainConfig, ShapesExamples, encode, train_predictor
 
 from .conftest import load_model, make_image
 from .reference import ProgressiveEviction, greedy, group_shares, image_positions
@@ -195,7 +197,7 @@ def test_shapes_training_answers_are_written_as_the_embedded_model_writes_them()
 
 
 def test_training_resumes_from_its_checkpoint(tiny_dir, tmp_path, monkeypatch):
-    from dyrate_eval import train_predictor as training
+    from dyrate_eval.dyrate import train as training
 
     data = tmp_path / "data.jsonl"
     make_image(0).save(tmp_path / "0.png")
@@ -329,7 +331,7 @@ def test_beam_search_keeps_each_beams_own_choices(tiny_dir, make_inputs, stairca
 
 
 def test_rate_for_share_finds_the_rate_that_spent_it(tiny_dir):
-    from dyrate_eval.flops import rate_for_share
+    from dyrate_eval.measure.flops import rate_for_share
 
     arch = load_arch(tiny_dir)
     samples = [(30, 5), (42, 12), (25, 1)]

@@ -10,8 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from dyrate_eval import apply_pruning, executed_plan
 from dyrate_eval.arch import ARCHS, Arch
-from dyrate_eval.flops import plan_flops, simulate_plan
-from dyrate_eval.hf_llava import install
+from dyrate_eval.core.simulate import simulate_plan
+from dyrate_eval.measure.flops import plan_flops
+from dyrate_eval.core.hf_llava import install
 from dyrate_eval.methods import make_policy
 
 from .conftest import load_model

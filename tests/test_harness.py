@@ -13,7 +13,8 @@ import pytest
 
 from dyrate_eval.arch import load_arch
 from dyrate_eval.errors import PruningConfigError
-from dyrate_eval.flops import plan_flops, simulate_plan
+from dyrate_eval.core.simulate import simulate_plan
+from dyrate_eval.measure.flops import plan_flops
 from dyrate_eval.methods import make_policy
 
 REPO = Path(__file__).resolve().parents[1]

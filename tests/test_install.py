@@ -8,7 +8,7 @@ import pytest
 import transformers
 
 from dyrate_eval import PruningConfigError, apply_pruning
-from dyrate_eval import hf_llava
+from dyrate_eval.core import hf_llava
 
 from .conftest import load_model
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from dyrate_eval import EMBEDDED_MODEL_DIR, rehearsal
+from dyrate_eval import EMBEDDED_MODEL_DIR
+from dyrate_eval.embedded import rehearsal
 from dyrate_eval.prompts import llava_prompt
-from dyrate_eval.world import render, sample_scene
+from dyrate_eval.embedded.world import render, sample_scene
 
 from .test_harness import REPO
 

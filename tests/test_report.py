@@ -13,8 +13,11 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from dyrate_eval.arch import load_arch
 from dyrate_eval.errors import PruningConfigError
 from dyrate_eval.methods import make_policy
-from dyrate_eval.report import REPORTED_SOURCE, point_label, write_report
-from dyrate_eval.trace import GROUPS, TRACE_FILE, trace_examples, write_trace
+from dyrate_eval.report.figures import point_label
+from dyrate_eval.report.paper import write_report
+from dyrate_eval.report.tables import REPORTED_SOURCE
+from dyrate_eval.core.plan import GROUPS
+from dyrate_eval.measure.trace import TRACE_FILE, trace_examples, write_trace
 from .test_dyrate import staircase_predictor
 from .test_harness import run_cli
 
@@ -135,7 +138,8 @@ def test_trace_attention_shares_and_kept_tokens(tiny_dir):
 
 def test_match_rate_gives_a_flops_matched_baseline(report, tiny_dir, capsys):
     from dyrate_eval.cli import main
-    from dyrate_eval.flops import plan_flops, simulate_plan
+    from dyrate_eval.core.simulate import simulate_plan
+    from dyrate_eval.measure.flops import plan_flops
 
     runs, _, tables = report
     assert main(["match-rate", str(runs / "dyrate"), "--task", "shapes_caption", "--set", "K=2", "--arch", str(tiny_dir)]) == 0

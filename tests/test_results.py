@@ -5,7 +5,7 @@ import json
 import pytest
 
 from dyrate_eval import PruningConfigError
-from dyrate_eval.results import results_table
+from dyrate_eval.report.runs import results_table
 
 
 def write_result(path, model, model_args, metrics):

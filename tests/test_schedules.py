@@ -11,14 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from dyrate_eval import PruningConfigError, apply_pruning, executed_plan
+from dyrate_eval import PruningConfigError, apply_pruning, executed_plan, pruning_method
 from dyrate_eval.arch import Arch, load_arch
 from dyrate_eval.cli import main as dyrate_eval
-from dyrate_eval.flops import simulate_plan
-from dyrate_eval.measure import BatchTiming, sample_measurements
+from dyrate_eval.core.simulate import simulate_plan
+from dyrate_eval.measure.timing import BatchTiming, sample_measurements
 from dyrate_eval.methods import make_policy
-from dyrate_eval.report import load_runs
-from dyrate_eval.schedules import FlopsShare, greedy_search, sigmoid_schedule
+from dyrate_eval.report.runs import load_runs
+from dyrate_eval.search.calibration import FlopsShare
+from dyrate_eval.search.gsearch import greedy_search
+from dyrate_eval.search.psigmoid import sigmoid_schedule
 
 from .conftest import load_model
 from .reference import MaskedKeys, greedy, image_positions
@@ -58,7 +60,7 @@ def test_schedule_file_with_search_metadata_runs_and_describes_itself(tiny_dir, 
     path.write_text(json.dumps({"schedule": [64, 64, 32, 32], "searched_by": "gsearch", "label": "criterion=kl"}))
     model = apply_pruning(load_model(tiny_dir), method="fastv", K=2, R=0.5)
     reference_tokens, _, _ = greedy(model, make_inputs((0,)), NEW)
-    policy = apply_pruning(model, method="schedule", schedule=str(path)).model.language_model._dyrate_policy
+    policy = pruning_method(apply_pruning(model, method="schedule", schedule=str(path)))
     assert torch.equal(greedy(model, make_inputs((0,)), NEW)[0], reference_tokens)
     assert policy.describe() == {"method": "schedule", "schedule": [64, 64, 32, 32], "searched_by": "gsearch", "label": "criterion=kl"}
 

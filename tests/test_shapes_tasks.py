@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 from dyrate_eval.errors import PruningConfigError
-from dyrate_eval.results import SHAPES_SCORES, caption_cider_per_sample, caption_rate_by_objects, results_table, write_summary
-from dyrate_eval.shapes_tasks import BUILDERS, EVAL_SEED, SCENE_RANGES, scene_from_doc, write_task_data
-from dyrate_eval.world import caption_content
+from dyrate_eval.report.runs import results_table
+from dyrate_eval.report.shapes import SHAPES_SCORES, caption_cider_per_sample, caption_rate_by_objects, write_summary
+from dyrate_eval.embedded.tasks import BUILDERS, EVAL_SEED, SCENE_RANGES, scene_from_doc, write_task_data
+from dyrate_eval.embedded.world import caption_content
 
 from .test_harness import REPO, run_cli
 

@@ -12,20 +12,17 @@ from transformers import AutoProcessor, CLIPVisionConfig, CLIPVisionModel, Llava
 
 from dyrate_eval import apply_pruning, executed_plan
 from dyrate_eval.prompts import llava_prompt
-from dyrate_eval.shapes_tasks import SHORT_ANSWER_POST_PROMPT
-from dyrate_eval.train_embedded import (
-    GRID,
+from dyrate_eval.embedded.tasks import SHORT_ANSWER_POST_PROMPT
+from dyrate_eval.embedded.examples import GRID, TurnBuilder, pack, patch_labels
+from dyrate_eval.embedded.train import (
     LOCAL_OFFSETS,
     TrainConfig,
-    TurnBuilder,
     init_local_attention,
-    pack,
-    patch_labels,
     supervised_logits,
     tower_features,
     train_embedded,
 )
-from dyrate_eval.world import COLOURS, SHAPES, Scene, Thing, mcq_questions, render, sample_scene
+from dyrate_eval.embedded.world import COLOURS, SHAPES, Scene, Thing, mcq_questions, render, sample_scene
 
 TASKS = Path(__file__).resolve().parents[1] / "tasks" / "shapes"
 

@@ -4,7 +4,7 @@ import random
 
 import numpy as np
 
-from dyrate_eval.world import (
+from dyrate_eval.embedded.world import (
     COLOURS, LETTERS, Scene, Thing, caption_content, captions, mcq_questions, object_frequencies, pope_questions, render,
     sample_scene, short_questions,
 )

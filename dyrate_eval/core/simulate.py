@@ -1,0 +1,98 @@
+"""The plan the executor runs, without a model: for FLOPs before a run (the schedule
+searches' budgets, FLOPs-matched rates, ``dyrate-eval flops``). It asks the policy the
+same questions through the same rules as the executor (``selection.next_keep``, the
+policy's ``score``), so there is no second copy of a method's decisions;
+``tests/test_flops.py`` and the method matrix check it against real runs."""
+
+from __future__ import annotations
+
+import torch
+
+from ..arch import Arch
+from ..errors import PruningConfigError
+from .plan import ExecutedPlan
+from .policy import PruningPolicy, RankingSignals, StepView
+from .selection import next_keep
+
+
+class _SimulatedSignals(RankingSignals):
+    """Zeros of the executor's shapes for one sample; records what the executor's
+    signals would cost: ``scored_keys`` for the attention row, ``flops`` for the rest."""
+
+    def __init__(self, arch: Arch, layer: int, step: int, scored_keys: int):
+        candidates = torch.ones(1, arch.n_img, dtype=torch.bool)
+        super().__init__(layer, step, candidates, torch.zeros(1, arch.n_img, dtype=torch.long))
+        self._arch, self._would_score = arch, scored_keys
+        self.scored_keys = 0
+        self.flops = 0
+
+    def attention(self):
+        self.scored_keys = self._would_score
+        return torch.zeros(1, self._arch.n_img)
+
+    def keys(self):
+        return torch.zeros(1, self._arch.kv_heads, self._arch.n_img, self._arch.head_dim)
+
+    def hidden(self):
+        return torch.zeros(1, self._arch.n_img, self._arch.hidden)
+
+    def add_flops(self, flops):
+        self.flops += int(flops if isinstance(flops, int) else flops.reshape(-1)[0])
+
+
+def simulate_plan(policy: PruningPolicy, arch: Arch, text_tokens: int, new_tokens: int) -> ExecutedPlan:
+    """The plan the executor runs for one sample of ``text_tokens`` prompt tokens besides
+    its image, generating ``new_tokens`` tokens (a prefill and new_tokens - 1 decode
+    forwards). Policies that decide from the attention (DyRate) have no plan before they run."""
+    n_img = torch.tensor([arch.n_img])
+    if any(policy.observes(layer, step) for layer in range(1, arch.layers) for step in range(min(new_tokens, 2))):
+        raise PruningConfigError(
+            f"method {policy.name!r} decides from the attention at every step: its FLOPs come from a run "
+            "(the samples log of an lmms-eval run, or `dyrate-eval bench`), not from a simulation"
+        )
+    plan = ExecutedPlan(n_img=n_img)
+    view = StepView(n_img=n_img)
+
+    def decide(layer: int, step: int, kept_now: int, keys_scored: int) -> tuple[int | None, int, int]:
+        """(the new count or None, the scoring row's keys, other FLOPs) before ``layer``."""
+        _, keep = next_keep(policy, layer, step, view, torch.tensor([kept_now]), n_img)
+        if keep is None:
+            return None, 0, 0
+        if int(keep[0]) == 0:  # nothing to rank
+            return 0, 0, 0
+        signals = _SimulatedSignals(arch, layer, step, keys_scored)
+        policy.score(signals)
+        return int(keep[0]), signals.scored_keys, signals.flops
+
+    # prefill: a progressive drop shortens every later layer's sequence (layer 0 is never
+    # pruned); a masking policy hides tokens that stay in the sequence
+    kept, scored, flops = [arch.n_img], [0] * arch.layers, 0
+    for layer in range(1, arch.layers):
+        keep, scored[layer - 1], extra = decide(layer, 0, kept[-1], text_tokens + kept[layer - 1])
+        flops += extra
+        kept.append(kept[-1] if keep is None else keep)
+    present = kept if policy.progressive else [arch.n_img] * arch.layers
+    keys = [text_tokens + count for count in present]
+    plan.add_step(torch.tensor([kept]), torch.tensor([keys]), torch.tensor([keys]), torch.tensor([scored]),
+                  decision_flops=torch.tensor([flops]))
+
+    # decode: one new query per layer; a progressive drop evicts from the caches of every
+    # later layer, a masking policy only changes what they attend to
+    for step in range(1, new_tokens):
+        keys, scored, flops = [count + 1 for count in keys], [0] * arch.layers, 0
+        for layer in range(1, arch.layers):
+            attended = keys[layer - 1] - (present[layer - 1] - kept[layer - 1])
+            keep, scored[layer - 1], extra = decide(layer, step, kept[layer], attended)
+            flops += extra
+            if keep is None:
+                continue
+            for later in range(layer, arch.layers):
+                if policy.progressive:
+                    dropped = max(0, kept[later] - keep)
+                    kept[later] -= dropped
+                    keys[later] -= dropped
+                else:
+                    kept[later] = keep
+        plan.add_step(torch.tensor([kept]), torch.tensor([keys]), torch.tensor([[1] * arch.layers]), torch.tensor([scored]),
+                      decision_flops=torch.tensor([flops]))
+    return plan

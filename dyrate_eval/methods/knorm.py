@@ -1,0 +1,19 @@
+"""Key-norm ranking: FastV's schedule, but the image tokens kept are those whose keys
+have the smallest L2 norm, which draw the most attention (Devoto et al., 2024, "A
+Simple and Effective L2 Norm-Based Strategy for KV Cache Compression"; NVIDIA kvpress's
+KnormPress). It needs no attention map, so any attention kernel serves. Also the worked
+example of docs/adding-a-method.md: a method with its own ranking signal."""
+
+from ..core.settings import RATE_SETTING, layer_setting
+from .fastv import FastV
+
+
+class KeyNorm(FastV):
+    """At prefill, before layer K, keep the (1-R) share of image tokens whose keys at
+    layer K-1 have the smallest norm (averaged over key-value heads), for all layers >= K."""
+
+    name = "knorm"
+    settings = (layer_setting(lambda arch: 2), RATE_SETTING)
+
+    def score(self, signals):
+        return -signals.keys().norm(dim=-1).mean(1)

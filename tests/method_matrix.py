@@ -1,0 +1,76 @@
+"""Every registered method with the settings the method matrix (test_method_matrix.py)
+runs it at on the tiny model (4 decoder layers, 64 image tokens). A method added to the
+registry without an entry here fails the matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+
+from dyrate_eval.arch import Arch
+from dyrate_eval.dyrate.predictor import RatePredictor
+
+from .test_dyrate import K as DYRATE_K, staircase_predictor
+
+
+def _zero_rate_predictor(arch: Arch) -> RatePredictor:
+    """A predictor whose only rate is 0: DyRate's every decision keeps every image token."""
+    return RatePredictor.for_model(arch, DYRATE_K, rates=(0.0,))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One setting of a method: ``pruning`` drops tokens, ``unpruned`` (where the method
+    has one) is the same method at R = 0, which must be the original model exactly."""
+
+    pruning: Callable[[Arch], dict]
+    unpruned: Callable[[Arch], dict] | None
+    # whether the method drops image tokens inside the decoder (the masked reference applies)
+    drops_in_decoder: bool = True
+    # whether the plan is known before the run (policies that decide from each step's attention have none)
+    simulated: bool = True
+
+
+CASES: dict[str, list[Case]] = {
+    "original": [Case(lambda arch: {}, lambda arch: {}, drops_in_decoder=False)],
+    "fastv": [Case(lambda arch: {"K": 2, "R": 0.5}, lambda arch: {"K": 2, "R": 0.0})],
+    "vtw": [Case(lambda arch: {"K": 2}, None)],  # withdraws every image token: no setting keeps them
+    "knorm": [Case(lambda arch: {"K": 1, "R": 0.75}, lambda arch: {"K": 1, "R": 0.0})],
+    "dyrate": [
+        Case(lambda arch: {"predictor": staircase_predictor(arch)}, lambda arch: {"predictor": _zero_rate_predictor(arch)},
+             simulated=False),
+        Case(lambda arch: {"predictor": staircase_predictor(arch), "mode": "mask"},
+             lambda arch: {"predictor": _zero_rate_predictor(arch), "mode": "mask"}, simulated=False),
+    ],
+    "fixed_prune": [
+        Case(lambda arch: {"K": 2, "R": 0.5}, lambda arch: {"K": 2, "R": 0.0}),
+        Case(lambda arch: {"K": 1, "R": 0.75, "mode": "mask"}, lambda arch: {"K": 1, "R": 0.0, "mode": "mask"}),
+    ],
+    "depth_prune": [Case(lambda arch: {"K": 1, "R": 0.5}, lambda arch: {"K": 1, "R": 0.0})],
+    "schedule": [Case(lambda arch: {"schedule": "64/48/16/16"}, lambda arch: {"schedule": "64/64/64/64"})],
+}
+
+
+def matrix(filter_case: Callable[[Case], bool] = lambda case: True) -> list:
+    """pytest parameters: (method, case) for every case that ``filter_case`` keeps."""
+    import pytest
+
+    return [pytest.param(method, case, id=f"{method}-{index}")
+            for method, cases in CASES.items() for index, case in enumerate(cases) if filter_case(case)]
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def same_plan(a: dict, b: dict) -> None:
+    """Two rows' plan records (``ExecutedPlan.for_row``): counts equal, attention shares close."""
+    shares_a, shares_b = a.pop("group_attention"), b.pop("group_attention")
+    assert a == b
+    assert [s is None for s in shares_a] == [s is None for s in shares_b]
+    for x, y in zip(shares_a, shares_b):
+        if x is not None:
+            assert x == pytest.approx(y, abs=1e-5)
