@@ -11,8 +11,8 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from dyrate_eval.shapes_tasks import CAPTION_PROMPT, scene_from_doc
-from dyrate_eval.world import LETTERS, render
+from dyrate_eval.embedded.tasks import CAPTION_PROMPT, scene_from_doc
+from dyrate_eval.embedded.world import LETTERS, render
 
 
 def doc_to_visual(doc):
