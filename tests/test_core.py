@@ -95,20 +95,6 @@ def test_kv_cache_of_pruned_layers_is_shorter(tiny_dir, make_inputs):
     assert plan.keys[0][0].tolist() == [inputs["input_ids"].shape[1]] * K + [inputs["input_ids"].shape[1] - dropped] * (len(lengths) - K)
 
 
-@pytest.mark.parametrize("method,settings", [("fastv", {"K": 2, "R": 0.5}), ("vtw", {"K": 2}), ("original", {})])
-def test_batch_with_left_padding_equals_single_runs(tiny_dir, make_inputs, method, settings):
-    model = apply_pruning(load_model(tiny_dir), method=method, **settings)
-    batch = make_inputs((0, 1))
-    assert batch["attention_mask"][0].eq(0).any(), "the two prompts should differ in length"
-    batch_tokens, batch_logits, _ = greedy(model, batch, NEW)
-    batch_plan = executed_plan(model)
-    for row in range(2):
-        tokens, logits, _ = greedy(model, make_inputs((row,)), NEW)
-        assert torch.equal(batch_tokens[row], tokens[0])
-        torch.testing.assert_close(batch_logits[row], logits[0], atol=1e-5, rtol=0)
-        assert batch_plan.for_row(row) == executed_plan(model).for_row(0)
-
-
 def test_sampling_and_beam_search_run_and_keep_the_plan(tiny_dir, make_inputs):
     model = apply_pruning(load_model(tiny_dir), method="fastv", K=2, R=0.5)
     inputs = make_inputs((0, 1))
@@ -149,24 +135,6 @@ def test_remove_pruning_restores_the_model(tiny_dir, make_inputs):
         assert torch.equal(model(**inputs).logits, reference)
     assert type(model.model.language_model).__name__ == "LlamaModel"
     assert "generate" not in vars(model), "the generate wrapper must be gone"
-
-
-@pytest.mark.parametrize("method,settings", [("fastv", {"K": 2, "R": 0.75}), ("vtw", {"K": 1})])
-def test_right_padded_prefill_equals_single_runs(tiny_dir, processor, make_inputs, method, settings):
-    """Scoring uses each row's last real token, and padding never counts as a key."""
-    model = apply_pruning(load_model(tiny_dir), method=method, **settings)
-    processor.tokenizer.padding_side = "right"
-    try:
-        batch = make_inputs((0, 1))
-    finally:
-        processor.tokenizer.padding_side = "left"
-    assert batch["attention_mask"][0, -1] == 0, "row 0 should be padded on the right"
-    with torch.no_grad():
-        batch_logits = model(**batch).logits
-        for row in range(2):
-            single = make_inputs((row,))
-            length = single["input_ids"].shape[1]
-            torch.testing.assert_close(batch_logits[row, length - 1], model(**single).logits[0, -1], atol=1e-5, rtol=0)
 
 
 def test_prefill_without_cache_scores_from_recomputed_keys(tiny_dir, make_inputs):

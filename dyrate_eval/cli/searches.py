@@ -77,7 +77,7 @@ def _check_criterion(args) -> None:
         raise PruningConfigError("--metric goes with --criterion score: the kl criterion compares next-token distributions")
 
 
-def gsearch(args) -> None:
+def gsearch_command(args) -> None:
     from ..search.calibration import make_criterion
     from ..search.gsearch import DEFAULT_GRID, gsearch
 
@@ -90,7 +90,7 @@ def gsearch(args) -> None:
           f"{criterion.name} {result['value']:.4g} (unpruned {criterion.baseline:.4g}) -> {args.out}, log {result['log']}")
 
 
-def psigmoid(args) -> None:
+def psigmoid_command(args) -> None:
     from ..search.calibration import make_criterion
     from ..search.psigmoid import psigmoid
 
@@ -109,7 +109,7 @@ def psigmoid(args) -> None:
           f"-> {args.out}, trials {result['log']}")
 
 
-def find_vtw_k(args) -> None:
+def find_vtw_k_command(args) -> None:
     from ..arch import load_arch
     from ..search.vtw_k import default_first_vtw_layer, find_vtw_k
 
@@ -163,7 +163,7 @@ def add_schedule_commands(commands) -> None:
     gsearch.add_argument("--grid", type=_grid,
                          help="keep shares a layer may drop to, comma-separated (default 0,0.0625,0.125,0.25,0.375,0.5,0.75)")
     gsearch.add_argument("--out", required=True, help="schedule JSON; the search log goes beside it (<stem>.search.json)")
-    gsearch.set_defaults(run=gsearch)
+    gsearch.set_defaults(run=gsearch_command)
 
     psigmoid = commands.add_parser(
         "psigmoid", help="P-Sigmoid: keep share b + (1-b)/(1+exp(k(l-a))) per layer, (k, a, b) tuned by Optuna under a FLOPs budget"
@@ -178,7 +178,7 @@ def add_schedule_commands(commands) -> None:
     psigmoid.add_argument("--a-range", type=float, nargs=2, metavar=("LOW", "HIGH"), help="midpoint layer (default 0 to the depth)")
     psigmoid.add_argument("--b-range", type=float, nargs=2, metavar=("LOW", "HIGH"), help="deepest share (default 0 to the budget)")
     psigmoid.add_argument("--out", required=True, help="schedule JSON; the trial history goes beside it (<stem>.trials.json)")
-    psigmoid.set_defaults(run=psigmoid)
+    psigmoid.set_defaults(run=psigmoid_command)
 
     vtw_k = commands.add_parser("find-vtw-k", help="VTW's K: the first layer whose withdrawal keeps the first token's mean KL <= eta")
     calibration_arguments(vtw_k, limit=20)
@@ -186,4 +186,4 @@ def add_schedule_commands(commands) -> None:
     vtw_k.add_argument("--first-layer", type=int,
                        help="the first candidate K (default: 5 for 32- or 40-layer models, a quarter of the depth for shallower ones)")
     vtw_k.add_argument("--out", help="JSON of the KL curve and K")
-    vtw_k.set_defaults(run=find_vtw_k)
+    vtw_k.set_defaults(run=find_vtw_k_command)
