@@ -34,4 +34,3 @@ def pruning_method(model) -> PruningPolicy | None:
 def executed_plan(model) -> ExecutedPlan | None:
     """The plan of the model's most recent prefill and the decode steps after it."""
     return hf_llava.last_plan(model)
-

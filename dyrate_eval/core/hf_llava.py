@@ -73,6 +73,8 @@ def _cache_argument(language_class: type, layer_class: type) -> str:
     if not hasattr(DynamicCache(), "layers"):
         _refuse_drift("keeps DynamicCache's keys and values elsewhere than in DynamicCache.layers")
     return name
+
+
 def _attention_rows(layer, apply_rotary, layer_input, rotary, pick, key_ok, keys=None, projected=None) -> torch.Tensor:
     """(B, heads, T, L) attention of the rows ``pick`` (B, T) of ``layer_input`` (all
     of its rows for None) at the decoder ``layer``: its own post-rotary queries against

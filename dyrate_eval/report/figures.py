@@ -23,6 +23,7 @@ from .tables import REPORTED_SOURCE, method_rank  # noqa: E402
 # adjustText iterations for the pareto labels (enough for them to settle apart)
 LABEL_ITERATIONS = 300
 
+
 def _short_settings(settings: dict) -> str:
     """Settings as a figure label: values that are paths by their file or folder name."""
     return " ".join(f"{key}={Path(value).name if '/' in str(value) else value}" for key, value in settings.items())

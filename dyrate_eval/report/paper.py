@@ -199,7 +199,6 @@ def _drop_empty_score_columns(table: pd.DataFrame, keep: set[str]) -> pd.DataFra
     return table[[c for c in table.columns if c in keep or table[c].notna().any()]]
 
 
-
 def write_bench_summary(bench_file: Path, out_dir: Path) -> None:
     """``bench_<folder>.csv/.md``: the medians and ratios of a ``dyrate-eval bench --out`` file."""
     from ..measure.bench import BENCH_COLUMNS, summarize_bench

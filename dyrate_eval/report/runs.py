@@ -101,7 +101,6 @@ def read_results_file(path: Path) -> list[dict]:
     return rows
 
 
-
 # What tells one evaluated configuration from another.
 RUN_KEY = ["pretrained", "method", "settings", "decoding"]
 
@@ -206,7 +205,6 @@ def _logged_samples_path(results_file: str, task: str, table_name: str) -> Path:
     return path
 
 
-
 # what the report reads from each sample's measurements (see measure.timing.sample_measurements)
 MEASURED_FIELDS = {"tflops_language_model", "flops_ratio_language_model", "end_to_end_ms", "batch_size"}
 
@@ -263,4 +261,3 @@ def searched_schedule(records: list[dict]) -> dict:
     policies = [record.get("policy") or {} for record in records]
     searched = next((policy for policy in policies if policy.get("searched_by")), None)
     return {"method": searched["searched_by"], "settings": searched.get("label") or ""} if searched else {}
-

@@ -30,7 +30,6 @@ def _object_count(doc: dict) -> str:
     return f"{count} object" + ("s" if count > 1 else "")
 
 
-
 def _per_sample(metric: str):
     def scores(path: Path) -> list[float]:
         values = [sample[metric] for sample in read_samples(path)]
@@ -75,7 +74,6 @@ SHAPES_BREAKDOWN = {
     "shapes_mcq": (lambda doc: doc["kind"], _per_sample("accuracy")),
     "shapes_pope": (lambda doc: doc["split"], _per_sample("accuracy")),
 }
-
 
 
 def shapes_scores(table: pd.DataFrame) -> pd.DataFrame:

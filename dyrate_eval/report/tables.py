@@ -33,4 +33,3 @@ def write_table(table: pd.DataFrame, out_dir: Path, name: str, sources: list[str
     shown = shown.astype(object).where(shown.notna(), None)  # tabulate writes None as missingval
     body = shown.to_markdown(index=False, floatfmt="g", missingval="missing") if not table.empty else "(no rows)"
     (out_dir / f"{name}.md").write_text(f"{body}\n\n{note}Run files:\n{listing}\n")
-

@@ -14,6 +14,7 @@ from .calibration import Calibration, FlopsShare, KLCriterion, ScoreCriterion, s
 # the previous layer's count (no drop) is always possible and needs no evaluation.
 DEFAULT_GRID = (0.0, 0.0625, 0.125, 0.25, 0.375, 0.5, 0.75)
 
+
 def greedy_search(num_layers: int, n_img: int, grid: list[int],
                   within: Callable[[int, tuple[int, ...]], bool]) -> tuple[int, ...]:
     """G-Search's rule. From the shallowest prunable layer (layer 0 is never pruned) to

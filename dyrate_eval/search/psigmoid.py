@@ -21,6 +21,7 @@ DEFAULT_K_RANGE = (0.1, 10.0)
 # gives up after this many proposals per trial asked for.
 PROPOSALS_PER_TRIAL = 100
 
+
 def sigmoid_schedule(k: float, a: float, b: float, num_layers: int, n_img: int) -> tuple[int, ...]:
     """Layer 0 keeps every image token (the executor never prunes it); layer l >= 1 keeps
     round(n_img * s(l)) with s(l) = b + (1 - b) / (1 + exp(k (l - a))), non-increasing

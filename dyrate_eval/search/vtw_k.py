@@ -18,7 +18,6 @@ def default_first_vtw_layer(num_layers: int) -> int:
     return max(1, min(5, num_layers // 4))
 
 
-
 def find_vtw_k(calibration: Calibration, eta: float, first_layer: int, flops_share: FlopsShare,
                pretrained: str, out: Path | None = None) -> dict:
     """VTW's choice of K: for K from ``first_layer`` to the last layer, the mean
