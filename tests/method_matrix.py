@@ -13,6 +13,7 @@ import torch
 from dyrate_eval.arch import Arch
 from dyrate_eval.dyrate.predictor import RatePredictor
 
+from .reference import prumerge_reference, visionzip_reference
 from .test_dyrate import K as DYRATE_K, staircase_predictor
 
 
@@ -30,6 +31,9 @@ class Case:
     unpruned: Callable[[Arch], dict] | None
     # whether the method drops image tokens inside the decoder (the masked reference applies)
     drops_in_decoder: bool = True
+    # the reduction before the decoder written plainly (tests/reference.py), given the
+    # model's shape: the reduced-prompt reference runs it on the unmodified model
+    reference_reduction: Callable | None = None
     # whether the plan is known before the run (policies that decide from each step's attention have none)
     simulated: bool = True
 
@@ -51,6 +55,21 @@ CASES: dict[str, list[Case]] = {
     ],
     "depth_prune": [Case(lambda arch: {"K": 1, "R": 0.5}, lambda arch: {"K": 1, "R": 0.0})],
     "schedule": [Case(lambda arch: {"schedule": "64/48/16/16"}, lambda arch: {"schedule": "64/64/64/64"})],
+    "visionzip": [
+        Case(lambda arch: {}, lambda arch: {"tokens": arch.n_img, "contextual": 0}, drops_in_decoder=False,
+             reference_reduction=lambda arch: visionzip_reference(round(arch.n_img / 3), round(round(arch.n_img / 3) * 10 / 64))),
+        Case(lambda arch: {"tokens": 10, "contextual": 6}, None, drops_in_decoder=False,
+             reference_reduction=lambda arch: visionzip_reference(10, 6)),
+    ],
+    # on the tiny model's near-uniform attention no patch is an outlier: PruMerge alone keeps none
+    "prumerge": [
+        Case(lambda arch: {"plus": True}, None, drops_in_decoder=False, simulated=False,
+             reference_reduction=lambda arch: prumerge_reference(True, round(32 * arch.n_img / 576))),
+        Case(lambda arch: {"plus": True, "neighbours": 0}, None, drops_in_decoder=False, simulated=False,
+             reference_reduction=lambda arch: prumerge_reference(True, 0)),
+        Case(lambda arch: {}, None, drops_in_decoder=False, simulated=False,
+             reference_reduction=lambda arch: prumerge_reference(False, round(32 * arch.n_img / 576))),
+    ],
 }
 
 

@@ -218,3 +218,93 @@ class PolicyMaskedReference:
     def remove(self):
         for handle in self.handles:
             handle.remove()
+
+
+def tower_signals(model, pixel_values):
+    """From the unmodified model's own vision tower (eager, so it returns attention
+    weights): per image the class token's head-averaged attention on each patch at the
+    feature layer, that layer's keys averaged over heads, and the projector's features."""
+    config = model.config
+    tower = model.model.vision_tower
+    layer = config.vision_feature_layer % (len(tower.encoder.layers) + 1) - 1  # hidden state h is layer h - 1's output
+    attention = tower.encoder.layers[layer].self_attn
+    kept = {}
+    handle = attention.k_proj.register_forward_hook(lambda module, args, output: kept.update(keys=output))
+    with torch.no_grad():
+        out = tower(pixel_values, output_attentions=True, output_hidden_states=True)
+        features = model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+    handle.remove()
+    images, tokens, _ = kept["keys"].shape
+    cls = out.attentions[layer][:, :, 0, 1:].mean(1)
+    keys = kept["keys"].view(images, tokens, attention.num_heads, attention.head_dim).mean(2)[:, 1:]
+    return cls, keys, torch.stack(list(features))
+
+
+def reduced_prompt_generation(model, inputs, reduce, new_tokens):
+    """(tokens, logits) of the unmodified model fed, as inputs_embeds, each prompt without
+    the image tokens ``reduce`` drops and with the features it gives the kept ones.
+    ``reduce(cls, keys, features)`` (one image's, see ``tower_signals``) returns the kept
+    patch indices, ascending, and their features. Rows are re-padded on the left."""
+    cls, keys, features = tower_signals(model, inputs["pixel_values"])
+    embed = model.get_input_embeddings()
+    rows = []
+    for row, ids in enumerate(inputs["input_ids"]):
+        ids = ids[inputs["attention_mask"][row].bool()]
+        kept, kept_features = reduce(cls[row], keys[row], features[row])
+        with torch.no_grad():
+            text = embed(ids)
+        image = (ids == model.config.image_token_id).nonzero().flatten()
+        first = int(image[0])
+        rows.append(torch.cat([text[:first], kept_features.to(text.dtype), text[int(image[-1]) + 1:]]))
+    longest = max(len(row) for row in rows)
+    embeds = torch.stack([torch.cat([row.new_zeros(longest - len(row), row.shape[1]), row]) for row in rows])
+    mask = torch.stack([torch.cat([torch.zeros(longest - len(row), dtype=torch.long), torch.ones(len(row), dtype=torch.long)])
+                        for row in rows])
+    with torch.no_grad():
+        out = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, -new_tokens:], torch.stack(out.logits, dim=1)
+
+
+def visionzip_reference(tokens, contextual):
+    """VisionZip's reduction of one image, written plainly (see ``reduced_prompt_generation``)."""
+
+    def reduce(cls, keys, features):
+        slots = cls.shape[0]
+        dominant = cls.argsort(descending=True, stable=True)[: tokens - contextual].tolist()
+        remaining = [slot for slot in range(slots) if slot not in dominant]
+        step = max(1, len(remaining) // contextual) if contextual else 1
+        targets = [remaining[index] for index in range(0, len(remaining), step)][:contextual]
+        others = [slot for slot in remaining if slot not in targets] if targets else []
+        normed = torch.nn.functional.normalize(keys, dim=-1)
+        joined = {target: [] for target in targets}
+        for other in others:
+            similarity = torch.stack([normed[other] @ normed[target] for target in targets])
+            joined[targets[int(similarity.argmax())]].append(other)
+        merged = {target: features[target] + (features[members].mean(0) if members else 0) for target, members in joined.items()}
+        kept = sorted(dominant + targets)
+        return kept, torch.stack([merged.get(slot, features[slot]) for slot in kept])
+
+    return reduce
+
+
+def prumerge_reference(plus, neighbours):
+    """PruMerge's (and PruMerge+'s) reduction of one image, written plainly."""
+
+    def reduce(cls, keys, features):
+        slots = cls.shape[0]
+        low, high = torch.quantile(cls, 0.25), torch.quantile(cls, 0.75)
+        kept = [slot for slot in range(slots) if cls[slot] > high + 1.5 * (high - low)]
+        if plus:
+            stride = int(slots / max(len(kept), 1))
+            kept = sorted(set(kept) | set(range(stride // 6, slots - 1, max(1, stride // 3))))
+        normed = torch.nn.functional.normalize(keys, dim=-1)
+        merged = []
+        for slot in kept:
+            similarity = normed @ normed[slot]
+            similarity[slot] = float("-inf")
+            nearest = similarity.topk(neighbours).indices
+            merged.append(features[slot] + (cls[nearest, None] * features[nearest]).sum(0))
+        return kept, torch.stack(merged) if merged else features[:0]
+
+    return reduce

@@ -27,8 +27,9 @@ from ..arch import Arch
 from ..errors import PruningConfigError
 from ..measure.flops import layer_flops
 from .layout import KeyLayout, gather_rows, image_slots
+from .merging import merge_features
 from .plan import ExecutedPlan
-from .policy import PruningPolicy, RankingSignals, StepView
+from .policy import PruningPolicy, RankingSignals, StepView, VisionSignals
 from .selection import next_keep, top_slots
 
 # How the attention row that ranks and observes image tokens is obtained. "row": the
@@ -53,11 +54,15 @@ class GenerationState:
         self.step = 0
         self.scored_keys = torch.zeros(img_pos.shape[0], num_layers, dtype=torch.long, device=img_pos.device)
         self.extra_flops = torch.zeros_like(self.plan.n_img)  # this step's ranking and rerun FLOPs
+        # (B,) image tokens dropped before the decoder: the later positions move down by as many
+        self.position_shift: torch.Tensor | None = None
         self.decision: dict[str, torch.Tensor] = {}  # this step's observed decision, for the plan
 
     def reorder(self, rows: torch.Tensor) -> None:
         rows = rows.to(self.img_pos.device)
         self.img_pos, self.img_present = self.img_pos[rows], self.img_present[rows]
+        if self.position_shift is not None:
+            self.position_shift = self.position_shift[rows]
         reordered: dict[int, KeyLayout] = {}
         self.layouts = [reordered.setdefault(id(lay), lay.select_rows(rows)) for lay in self.layouts]
         self.plan.reorder(rows)
@@ -163,6 +168,41 @@ class _ExecutedSignals(RankingSignals):
         self._step.state.extra_flops += flops
 
 
+class _ExecutedVisionSignals(VisionSignals):
+    """The signals of the stage before the decoder, from the vision tower's feature layer
+    (kept while the tower ran) and the prompt's embeddings."""
+
+    def __init__(self, executor: "Executor", embeds: torch.Tensor, state: GenerationState):
+        vision = executor.decoder.vision
+        super().__init__(state.img_pos.shape[1], vision.grid)
+        self._vision, self._embeds, self._state = vision, embeds, state
+        self._queries, self._keys = vision.taken()
+        images, tokens = self._keys.shape[:2]
+        rows = embeds.shape[0]
+        one_image_per_prompt = rows % images == 0 and tokens - 1 == self.image_tokens and bool(state.img_present.all())
+        if not one_image_per_prompt:
+            raise PruningConfigError(
+                f"method {executor.policy.name!r} reduces one image per prompt before the decoder: this batch has "
+                f"{rows} prompts, {images} images of {tokens - 1} patches, and prompts with "
+                f"{state.img_present.sum(1).tolist()} image tokens"
+            )
+        if images < rows:  # generate encodes each image once, then repeats it for every beam
+            self._queries, self._keys = (tensor.repeat_interleave(rows // images, dim=0) for tensor in (self._queries, self._keys))
+
+    def cls_attention(self):
+        self.add_flops(2 * self._vision.heads * self._vision.head_dim * self._keys.shape[1])
+        return self._vision.class_attention(self._queries, self._keys).to(self._embeds.device)
+
+    def keys(self):
+        return self._keys[:, 1:].float().mean(2).to(self._embeds.device)
+
+    def features(self):
+        return gather_rows(self._embeds, self._state.img_pos)
+
+    def add_flops(self, flops):
+        self._state.extra_flops += flops
+
+
 class Executor:
     """Runs one installed policy on the decoder that ``decoder`` (an ``HFDecoder``) wraps."""
 
@@ -183,13 +223,17 @@ class Executor:
         state = GenerationState(img_pos, img_present, length, self.num_layers)
         if position_ids is None:
             position_ids = torch.arange(length, device=device).unsqueeze(0)
-        cos, sin = self.decoder.rotary(embeds, position_ids)
         if attention_mask is None:
             query_timeline = torch.full((batch,), length - 1, device=device)
         else:  # the last real prompt token
             query_timeline = length - 1 - attention_mask.flip(1).to(torch.int8).argmax(1)
         full_layout = layout = KeyLayout.of_prompt(is_image, img_pos, img_present)
         full_hidden = None  # the last hidden state of every prompt position, once some are dropped
+        if self.policy.reduces_before_decoder:
+            full_hidden = embeds.new_zeros(embeds.shape)
+            _scatter_rows(full_hidden, embeds, layout)
+            embeds, layout, position_ids = self._reduce_before_decoder(state, embeds, layout, position_ids)
+        cos, sin = self.decoder.rotary(embeds, position_ids)
         hidden, masks, layer_input, projected = embeds, _MaskCache(self.decoder), None, None
         for layer_idx in range(self.num_layers):
             if layer_idx > 0:
@@ -230,6 +274,8 @@ class Executor:
         state.step += 1
         if position_ids is None:
             position_ids = new_positions.unsqueeze(0)
+        if state.position_shift is not None:
+            position_ids = position_ids.expand(batch, -1) - state.position_shift[:, None]
         rotary = self.decoder.rotary(embeds, position_ids)
         appended: dict[int, KeyLayout] = {}
         state.layouts = [appended.setdefault(id(lay), lay.appended(new_positions)) for lay in state.layouts]
@@ -253,6 +299,30 @@ class Executor:
             projected = capture.output
         self._record_step(state, attention_mask, new_tokens)
         return hidden
+
+    def _reduce_before_decoder(self, state, embeds, layout, position_ids):
+        """The policy's stage before layer 0: the image slots it keeps carry what they
+        merged, the others leave the sequence, and positions close up behind them (the
+        decoder sees the shorter prompt the vision side would have handed over). Returns
+        (embeddings, layout, position ids) of the kept entries."""
+        signals = _ExecutedVisionSignals(self, embeds, state)
+        reduction = self.policy.reduce_before_decoder(signals)
+        if reduction is None:
+            return embeds, layout, position_ids
+        kept = reduction.kept.to(layout.img_kept.device) & state.img_present
+        if reduction.merge_weights is not None:
+            features, flops = merge_features(signals.features(), kept, reduction.merge_weights.to(embeds.device))
+            state.extra_flops += flops
+            rows = torch.arange(embeds.shape[0], device=embeds.device)[:, None].expand_as(state.img_pos)
+            embeds = embeds.clone()
+            embeds[rows, state.img_pos] = features
+        slot = layout.entry_slot
+        dropped = (slot >= 0) & ~kept.gather(1, slot.clamp(min=0))  # (B, S) prompt entries dropped
+        state.position_shift = dropped.sum(1)
+        state.img_present = kept
+        reduced, local = layout.without(kept)
+        positions = position_ids.expand(embeds.shape[0], -1) - dropped.cumsum(1)
+        return gather_rows(embeds, local), reduced, positions.gather(1, local)
 
     def _evict(self, state, cache, first_layer, img_kept, new_tokens):
         """Remove image slots not in ``img_kept`` from the caches of layers >= first_layer.

@@ -70,6 +70,47 @@ class RankingSignals(ABC):
         as a batch-1 run; FLOPs count matrix products only)."""
 
 
+class VisionSignals(ABC):
+    """What a policy may select and merge the image tokens by before decoder layer 0,
+    from the vision tower's feature layer (the layer whose output the projector reads)
+    and the projector's output. Computed only when asked for; costs go into the plan as
+    for ``RankingSignals``."""
+
+    def __init__(self, image_tokens: int, grid: int):
+        self.image_tokens = image_tokens  # N, the projector's features per image
+        self.grid = grid  # the patches per side: slot i is patch (i // grid, i % grid)
+
+    @abstractmethod
+    def cls_attention(self) -> torch.Tensor:
+        """(B, N) the class token's attention on each patch at the feature layer,
+        averaged over heads (the softmax runs over the class token and every patch).
+        Costs the class token's scores over those keys."""
+
+    @abstractmethod
+    def keys(self) -> torch.Tensor:
+        """(B, N, head_dim) the patches' keys at the feature layer, averaged over heads."""
+
+    @abstractmethod
+    def features(self) -> torch.Tensor:
+        """(B, N, hidden) the projector's image features, what the decoder would see."""
+
+    @abstractmethod
+    def add_flops(self, flops: int | torch.Tensor) -> None:
+        """Count the matrix products a policy computes on these signals."""
+
+
+@dataclass
+class ImageReduction:
+    """What enters the decoder in place of an image's N projector features: the slots
+    ``kept`` (B, N), each carrying the combination of features ``merge_weights`` (B, N,
+    N) gives it (row i: the coefficient of each slot's feature in slot i's; see
+    ``core.merging``); None keeps the features as they are. Dropped slots leave the
+    sequence before layer 0."""
+
+    kept: torch.Tensor
+    merge_weights: torch.Tensor | None = None
+
+
 class PruningPolicy:
     """Base of every method. Subclasses set ``name`` and ``settings`` and override
     ``keep_before_layer``, and ``score`` where they rank by a signal of their own."""
@@ -85,6 +126,9 @@ class PruningPolicy:
     # Whether every prompt must hold an image: a method that selects image tokens has
     # nothing to select from in a text-only prompt
     needs_image: ClassVar[bool] = True
+    # Whether ``reduce_before_decoder`` acts: the vision tower's feature layer is then
+    # watched while it runs, for the ``VisionSignals``
+    reduces_before_decoder: ClassVar[bool] = False
 
     def __init__(self, arch: Arch, values: dict[str, Any]):
         self.arch = arch
@@ -103,6 +147,13 @@ class PruningPolicy:
         """Whether ``keep_before_layer`` at this layer and step looks at
         ``StepView.group_attention`` (the executor computes it only then)."""
         return False
+
+    def reduce_before_decoder(self, signals: VisionSignals) -> ImageReduction | None:
+        """Which image tokens enter the decoder, and what they carry (merging), before
+        layer 0 of the prefill; None (the default) leaves the projector's features as
+        they are. Positions are then contiguous: the decoder sees a shorter prompt, as
+        when the vision side hands over fewer tokens."""
+        return None
 
     def score(self, signals: RankingSignals) -> torch.Tensor:
         """(B, N) scores of the image slots; the top ``keep`` of the candidates are kept
