@@ -22,6 +22,9 @@ def _zero_rate_predictor(arch: Arch) -> RatePredictor:
     return RatePredictor.for_model(arch, DYRATE_K, rates=(0.0,))
 
 
+DECIDES_FROM_INPUT = "decides how many tokens to keep from what each input.s attention shows"
+
+
 @dataclass(frozen=True)
 class Case:
     """One setting of a method: ``pruning`` drops tokens, ``unpruned`` (where the method
@@ -34,8 +37,8 @@ class Case:
     # the reduction before the decoder written plainly (tests/reference.py), given the
     # model's shape: the reduced-prompt reference runs it on the unmodified model
     reference_reduction: Callable | None = None
-    # whether the plan is known before the run (policies that decide from each step's attention have none)
-    simulated: bool = True
+    # what the plan simulation says when it cannot know the plan before the run (a regex), or None
+    unsimulated: str | None = None
 
 
 CASES: dict[str, list[Case]] = {
@@ -45,9 +48,9 @@ CASES: dict[str, list[Case]] = {
     "knorm": [Case(lambda arch: {"K": 1, "R": 0.75}, lambda arch: {"K": 1, "R": 0.0})],
     "dyrate": [
         Case(lambda arch: {"predictor": staircase_predictor(arch)}, lambda arch: {"predictor": _zero_rate_predictor(arch)},
-             simulated=False),
+             unsimulated=DECIDES_FROM_INPUT),
         Case(lambda arch: {"predictor": staircase_predictor(arch), "mode": "mask"},
-             lambda arch: {"predictor": _zero_rate_predictor(arch), "mode": "mask"}, simulated=False),
+             lambda arch: {"predictor": _zero_rate_predictor(arch), "mode": "mask"}, unsimulated=DECIDES_FROM_INPUT),
     ],
     "fixed_prune": [
         Case(lambda arch: {"K": 2, "R": 0.5}, lambda arch: {"K": 2, "R": 0.0}),
@@ -55,6 +58,10 @@ CASES: dict[str, list[Case]] = {
     ],
     "depth_prune": [Case(lambda arch: {"K": 1, "R": 0.5}, lambda arch: {"K": 1, "R": 0.0})],
     "schedule": [Case(lambda arch: {"schedule": "64/48/16/16"}, lambda arch: {"schedule": "64/64/64/64"})],
+    "sparsevlm": [
+        Case(lambda arch: {}, None, unsimulated="a scoring row per instruction token"),
+        Case(lambda arch: {"tokens": 64, "layers": "1/2/3"}, None, unsimulated="a scoring row per instruction token"),
+    ],
     "visionzip": [
         Case(lambda arch: {}, lambda arch: {"tokens": arch.n_img, "contextual": 0}, drops_in_decoder=False,
              reference_reduction=lambda arch: visionzip_reference(round(arch.n_img / 3), round(round(arch.n_img / 3) * 10 / 64))),
@@ -63,11 +70,11 @@ CASES: dict[str, list[Case]] = {
     ],
     # on the tiny model's near-uniform attention no patch is an outlier: PruMerge alone keeps none
     "prumerge": [
-        Case(lambda arch: {"plus": True}, None, drops_in_decoder=False, simulated=False,
+        Case(lambda arch: {"plus": True}, None, drops_in_decoder=False, unsimulated=DECIDES_FROM_INPUT,
              reference_reduction=lambda arch: prumerge_reference(True, round(32 * arch.n_img / 576))),
-        Case(lambda arch: {"plus": True, "neighbours": 0}, None, drops_in_decoder=False, simulated=False,
+        Case(lambda arch: {"plus": True, "neighbours": 0}, None, drops_in_decoder=False, unsimulated=DECIDES_FROM_INPUT,
              reference_reduction=lambda arch: prumerge_reference(True, 0)),
-        Case(lambda arch: {}, None, drops_in_decoder=False, simulated=False,
+        Case(lambda arch: {}, None, drops_in_decoder=False, unsimulated=DECIDES_FROM_INPUT,
              reference_reduction=lambda arch: prumerge_reference(False, round(32 * arch.n_img / 576))),
     ],
 }

@@ -123,13 +123,13 @@ class PolicyMaskedReference:
     tokens to keep, as the core applies a count (a progressive policy only drops, from
     what layer l still sees; one that re-selects chooses among all image tokens), ranks
     the candidates by the policy's own ``score`` over signals taken here from the eager
-    model (the last query's head-averaged weights at layer l-1, layer l-1's cached keys,
-    layer l's input), and masks the others out of layer l and the layers after it: for
-    good when progressive, until the next selection otherwise. Batch rows must be left
-    padded, so that each row's last position is its query."""
+    model (the layer before's attention weights, cached keys, layer l's input), applies
+    the merges the policy asks for to layer l's input, and masks the others out of layer
+    l and the layers after it: for good when progressive, until the next selection
+    otherwise. Batch rows must be left padded, so that each row's last position is its query."""
 
     def __init__(self, model, policy, image_positions_per_row, prompt_length):
-        from dyrate_eval.core.policy import RankingSignals, StepView
+        from dyrate_eval.core.policy import Ranking, RankingSignals, StepView
 
         self.policy, self.positions, self.prompt_length = policy, image_positions_per_row, prompt_length
         self.step, self.weights, self.hidden = -1, {}, {}
@@ -139,8 +139,8 @@ class PolicyMaskedReference:
         self.handles = []
         for index, layer in enumerate(layers):
             self.handles.append(layer.self_attn.register_forward_hook(self._keep_weights(index)))
-            self.handles.append(layer.register_forward_pre_hook(self._keep_hidden(index), with_kwargs=True))
-            self.handles.append(layer.self_attn.register_forward_pre_hook(self._select_and_mask(index), with_kwargs=True))
+            self.handles.append(layer.register_forward_pre_hook(self._select_and_merge(index), with_kwargs=True))
+            self.handles.append(layer.self_attn.register_forward_pre_hook(self._mask(index), with_kwargs=True))
         reference = self
 
         class Signals(RankingSignals):
@@ -161,29 +161,46 @@ class PolicyMaskedReference:
                 states = reference.hidden[self.layer]
                 return torch.stack([states[row, positions] for row, positions in enumerate(reference.positions)])
 
+            def instruction_attention(self):
+                weights = reference.weights[self.layer - 1]
+                rows = [weights[row, :, int(positions[-1]) + 1:, positions].float().mean(0)  # (T, N)
+                        for row, positions in enumerate(reference.positions)]
+                longest = max(len(rows_of) for rows_of in rows)
+                padded = torch.stack([torch.cat([rows_of.new_zeros(longest - len(rows_of), rows_of.shape[1]), rows_of])
+                                      for rows_of in rows])
+                valid = torch.stack([torch.arange(longest) >= longest - len(rows_of) for rows_of in rows])
+                return padded, valid
+
             def add_flops(self, flops):
                 pass
 
-        self.Signals, self.StepView = Signals, StepView
+        self.Signals, self.StepView, self.Ranking = Signals, StepView, Ranking
 
     def _keep_weights(self, index):
         def hook(module, args, output):
             self.weights[index] = output[1]
         return hook
 
-    def _keep_hidden(self, index):
+    def _select_and_merge(self, index):
         def hook(module, args, kwargs):
             if index == 0:
                 self.step += 1
                 if self.kept is None:
                     self.kept = [[positions.clone() for positions in self.positions] for _ in range(self.num_layers)]
-            self.hidden[index] = args[0] if args else kwargs["hidden_states"]
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.hidden[index] = hidden
+            if index == 0:
+                return None
+            merged = self._select(index, kwargs.get("cache", kwargs.get("past_key_values")), hidden)
+            if merged is None:
+                return None
+            if args:
+                return (merged, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": merged}
         return hook
 
-    def _select_and_mask(self, index):
+    def _mask(self, index):
         def hook(module, args, kwargs):
-            if index > 0:
-                self._select(index, kwargs.get("cache", kwargs.get("past_key_values")))
             mask = kwargs["attention_mask"].clone()
             blocked = torch.finfo(mask.dtype).min if mask.dtype.is_floating_point else False
             for row, positions in enumerate(self.positions):
@@ -192,7 +209,8 @@ class PolicyMaskedReference:
             return args, kwargs
         return hook
 
-    def _select(self, layer, cache):
+    def _select(self, layer, cache, hidden):
+        """Update the kept sets before ``layer``; returns its input with the policy's merges applied, if any."""
         policy, rows = self.policy, range(len(self.positions))
         n_img = torch.tensor([len(positions) for positions in self.positions])
         view = self.StepView(n_img=n_img)
@@ -202,18 +220,28 @@ class PolicyMaskedReference:
                                                              self.prompt_length) for row in rows])
         asked = policy.keep_before_layer(layer, self.step, view)
         if asked is None:
-            return
+            return None
         slots = [torch.isin(positions, self.kept[layer][row]) for row, positions in enumerate(self.positions)]
         candidates = torch.stack(slots) if policy.progressive else torch.ones(len(rows), int(n_img.max()), dtype=torch.bool)
         keep = torch.minimum(asked, candidates.sum(1))
         if policy.progressive and torch.equal(keep, candidates.sum(1)):
-            return
-        scores = policy.score(self.Signals(layer, cache, candidates)).masked_fill(~candidates, float("-inf"))
+            return None
+        ranking = policy.score(self.Signals(layer, cache, candidates))
+        if not isinstance(ranking, self.Ranking):
+            ranking = self.Ranking(ranking)
+        scores = ranking.scores.masked_fill(~candidates, float("-inf"))
+        merged = None if ranking.merge_weights is None else hidden.clone()
         for row, positions in enumerate(self.positions):
-            chosen = positions[scores[row].topk(int(keep[row])).indices] if int(keep[row]) else positions[:0]
+            chosen_slots = scores[row].topk(int(keep[row])).indices if int(keep[row]) else torch.zeros(0, dtype=torch.long)
+            chosen = positions[chosen_slots]
+            if merged is not None:
+                states = hidden[row, positions].float()  # (N, D): every image slot's state entering the layer
+                for slot in chosen_slots.tolist():
+                    merged[row, positions[slot]] = (ranking.merge_weights[row, slot] @ states).to(hidden.dtype)
             for later in range(layer, self.num_layers):
                 current = self.kept[later][row]
                 self.kept[later][row] = (current[torch.isin(current, chosen)] if policy.progressive else chosen).sort().values
+        return merged
 
     def remove(self):
         for handle in self.handles:

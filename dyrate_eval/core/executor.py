@@ -26,11 +26,13 @@ import torch
 from ..arch import Arch
 from ..errors import PruningConfigError
 from ..measure.flops import layer_flops
-from .layout import KeyLayout, gather_rows, image_slots
+from .layout import KeyLayout, compact, gather_rows, image_slots
 from .merging import merge_features
-from .plan import ExecutedPlan
-from .policy import PruningPolicy, RankingSignals, StepView, VisionSignals
+from .plan import GROUPS, ExecutedPlan
+from .policy import PruningPolicy, Ranking, RankingSignals, StepView, VisionSignals
 from .selection import next_keep, top_slots
+
+_INSTRUCTION = GROUPS.index("instruction")
 
 # How the attention row that ranks and observes image tokens is obtained. "row": the
 # core's way (one query row from the observation layer's own query and cached keys,
@@ -156,13 +158,38 @@ class _ExecutedSignals(RankingSignals):
         return layout.by_slot(keys[:, :, :prompt].transpose(1, 2), self.candidates.shape[1]).transpose(1, 2)
 
     def hidden(self):
+        self._prefill_only("their hidden states")
+        return self._observed.by_slot(self._step.hidden, self.candidates.shape[1])
+
+    def instruction_attention(self):
+        self._prefill_only("the instruction's attention")
+        step, layout = self._step, self._observed
+        prompt = layout.entry_group.shape[1]
+        is_instruction = (layout.entry_group == _INSTRUCTION) & layout.valid[:, :prompt]
+        if step.timeline_mask is not None:
+            is_instruction &= step.timeline_mask.gather(1, layout.index[:, :prompt])
+        rows, valid = compact(is_instruction)  # (B, T) the instruction entries, front-padded
+        causal = layout.index[:, None, :] <= layout.index.gather(1, rows)[:, :, None]  # (B, T, L)
+        key_ok = layout.attended()[:, None, :] & causal
+        if step.timeline_mask is not None:
+            key_ok &= step.timeline_mask.gather(1, layout.index)[:, None, :]
+        decoder = self._executor.decoder
+        probs = decoder.attention_rows(self.layer - 1, step.layer_input, step.rotary, rows, key_ok,
+                                       decoder.cached_keys(step.cache, self.layer - 1))  # (B, H, T, L)
+        # as a batch-1 run: each row's projection and its scores over the row's real entries
+        real = layout.valid if step.timeline_mask is None else layout.valid & step.timeline_mask.gather(1, layout.index)
+        arch = self._executor.arch
+        per_row = 2 * arch.hidden * arch.heads * arch.head_dim + 2 * arch.heads * arch.head_dim * real.sum(1)
+        self.add_flops(valid.sum(1) * per_row)
+        per_entry = probs.mean(1)[..., :prompt].transpose(1, 2)  # (B, P, T)
+        return layout.by_slot(per_entry, self.candidates.shape[1]).transpose(1, 2) * valid[..., None], valid
+
+    def _prefill_only(self, what: str) -> None:
         if self._step.q_row is not None:
             raise PruningConfigError(
-                f"method {self._executor.policy.name!r} ranks image tokens by their hidden states at a decode step; "
-                "a decode step holds them only as cached keys: rank by keys() or attention() there"
+                f"method {self._executor.policy.name!r} ranks image tokens by {what} at a decode step; a decode step "
+                "holds the image tokens only as cached keys: rank by keys() or attention() there"
             )
-        layout = self._step.state.layouts[self.layer - 1]
-        return layout.by_slot(self._step.hidden, self.candidates.shape[1])
 
     def add_flops(self, flops):
         self._step.state.extra_flops += flops
@@ -239,7 +266,9 @@ class Executor:
             if layer_idx > 0:
                 step = _Step(state, layer_idx, layer_input, projected, (cos, sin), query_timeline, attention_mask, cache,
                              None, hidden)
-                img_kept = self._select(step, layout)
+                img_kept, merge_weights = self._select(step, layout)
+                if merge_weights is not None:
+                    hidden = self._merge_hidden(state, hidden, layout, img_kept, merge_weights)
                 if img_kept is not None and not self.policy.progressive:
                     layout = layout.hiding(img_kept)
                 elif img_kept is not None:
@@ -285,7 +314,7 @@ class Executor:
             if layer_idx > 0:
                 step = _Step(state, layer_idx, layer_input, projected, rotary, query_timeline, attention_mask, cache,
                              new_tokens - 1, hidden)
-                img_kept = self._select(step, state.layouts[layer_idx])
+                img_kept, _ = self._select(step, state.layouts[layer_idx])  # merging is refused at decode steps
                 if img_kept is not None and not self.policy.progressive:
                     self._hide_from_later_layers(state, layer_idx, img_kept)
                 elif img_kept is not None:
@@ -324,6 +353,20 @@ class Executor:
         positions = position_ids.expand(embeds.shape[0], -1) - dropped.cumsum(1)
         return gather_rows(embeds, local), reduced, positions.gather(1, local)
 
+    @staticmethod
+    def _merge_hidden(state, hidden, layout, img_kept, merge_weights):
+        """The prefill's hidden states with each kept image slot's replaced by its
+        combination of the image slots' states (the others are dropped next)."""
+        slots = img_kept.shape[1]
+        merged, flops = merge_features(layout.by_slot(hidden, slots), img_kept, merge_weights.to(hidden.device))
+        state.extra_flops += flops
+        entries = layout.entry_slot
+        is_kept = (entries >= 0) & img_kept.gather(1, entries.clamp(min=0)) & layout.valid[:, : entries.shape[1]]
+        hidden = hidden.clone()
+        prompt = hidden[:, : entries.shape[1]]
+        prompt[is_kept] = merged.gather(1, entries.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))[is_kept]
+        return hidden
+
     def _evict(self, state, cache, first_layer, img_kept, new_tokens):
         """Remove image slots not in ``img_kept`` from the caches of layers >= first_layer.
 
@@ -359,9 +402,10 @@ class Executor:
         observed = layer_idx + 1 < self.num_layers and self.policy.observes(layer_idx + 1, step)
         return _OutputCapture(self.decoder.query_projection(layer_idx) if observed and self.scoring == "row" else None)
 
-    def _select(self, step: _Step, layout: KeyLayout) -> torch.Tensor | None:
+    def _select(self, step: _Step, layout: KeyLayout) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Ask the policy before ``step.layer``, whose keys are ``layout`` so far. Returns
-        the image slots to attend to from this layer on, or None when nothing changes.
+        the image slots to attend to from this layer on (None when nothing changes) and
+        the merge weights of the image slots' hidden states, if the policy merges.
 
         The candidates are the slots still kept for a progressive policy (a dropped
         token never returns), every image slot of the prompt for one that re-selects
@@ -382,10 +426,15 @@ class Executor:
                 "decision_flops": torch.full_like(n_img, policy.decision_flops),
             }
         if keep is None:
-            return None
+            return None, None
         if bool((keep == 0).all()):
-            return torch.zeros_like(layout.img_kept)
-        return top_slots(policy.score(signals), candidates, keep)
+            return torch.zeros_like(layout.img_kept), None
+        ranking = policy.score(signals)
+        if not isinstance(ranking, Ranking):
+            ranking = Ranking(ranking)
+        if ranking.merge_weights is not None and step.q_row is not None:
+            raise PruningConfigError(f"method {policy.name!r} merges image tokens at a decode step: only the prefill can")
+        return top_slots(ranking.scores, candidates, keep), ranking.merge_weights
 
     def attention_row(self, step: _Step) -> torch.Tensor:
         """(B, heads, L) attention of the step's query at the layer before ``step.layer``:

@@ -65,6 +65,13 @@ class RankingSignals(ABC):
         the prefill only (a decode step holds the image tokens as cached keys alone)."""
 
     @abstractmethod
+    def instruction_attention(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """((B, T, N), (B, T)): the attention of each instruction token (the prompt's
+        tokens after the image) at layer ``layer - 1`` on each image slot, averaged over
+        heads, and which of the T rows are real (rows hold different counts); at the
+        prefill only. Costs a scoring row per instruction token."""
+
+    @abstractmethod
     def add_flops(self, flops: int | torch.Tensor) -> None:
         """Count the matrix products a policy computes on these signals (per sample,
         as a batch-1 run; FLOPs count matrix products only)."""
@@ -97,6 +104,16 @@ class VisionSignals(ABC):
     @abstractmethod
     def add_flops(self, flops: int | torch.Tensor) -> None:
         """Count the matrix products a policy computes on these signals."""
+
+
+@dataclass
+class Ranking:
+    """What ``score`` may return instead of bare scores: the scores, and at the prefill
+    the merge weights (B, N, N) of the image slots' hidden states entering the layer
+    (row i: the coefficient of each slot's state in kept slot i's; see ``core.merging``)."""
+
+    scores: torch.Tensor
+    merge_weights: torch.Tensor | None = None
 
 
 @dataclass
@@ -155,7 +172,8 @@ class PruningPolicy:
         when the vision side hands over fewer tokens."""
         return None
 
-    def score(self, signals: RankingSignals) -> torch.Tensor:
+    def score(self, signals: RankingSignals) -> torch.Tensor | Ranking:
         """(B, N) scores of the image slots; the top ``keep`` of the candidates are kept
-        (ties go to the lower slot). By default the step's attention."""
+        (ties go to the lower slot). By default the step's attention. A ``Ranking`` also
+        says what the kept slots absorb of the others (at the prefill)."""
         return signals.attention()

@@ -11,7 +11,7 @@ import torch
 from ..arch import Arch
 from ..errors import PruningConfigError
 from .plan import ExecutedPlan
-from .policy import PruningPolicy, RankingSignals, StepView, VisionSignals
+from .policy import PruningPolicy, Ranking, RankingSignals, StepView, VisionSignals
 from .selection import next_keep
 
 
@@ -35,6 +35,12 @@ class _SimulatedSignals(RankingSignals):
 
     def hidden(self):
         return torch.zeros(1, self._arch.n_img, self._arch.hidden)
+
+    def instruction_attention(self):
+        raise PruningConfigError(
+            "a ranking by the instruction's attention costs a scoring row per instruction token, which a simulation "
+            "without the prompt cannot count: its FLOPs come from a run"
+        )
 
     def add_flops(self, flops):
         self.flops += int(flops if isinstance(flops, int) else flops.reshape(-1)[0])
@@ -98,8 +104,11 @@ def simulate_plan(policy: PruningPolicy, arch: Arch, text_tokens: int, new_token
         if int(keep[0]) == 0:  # nothing to rank
             return 0, 0, 0
         signals = _SimulatedSignals(arch, layer, step, keys_scored)
-        policy.score(signals)
-        return int(keep[0]), signals.scored_keys, signals.flops
+        ranking = policy.score(signals)
+        merging = 0
+        if isinstance(ranking, Ranking) and ranking.merge_weights is not None:
+            merging = 2 * int(keep[0]) * arch.n_img * arch.hidden
+        return int(keep[0]), signals.scored_keys, signals.flops + merging
 
     # prefill: a progressive drop shortens every later layer's sequence (layer 0 is never
     # pruned); a masking policy hides tokens that stay in the sequence

@@ -64,13 +64,14 @@ def all_methods(arch: Arch) -> str:
     """Every registered method at the paper's settings, for ``--methods all``: FastV K=2
     R=0.5 (and ranked by key norm), VTW at its default K, DyRate, the ablation baselines
     at K=2 R=0.5 (FixedPrune re-selecting at every step), a schedule that halves the
-    image tokens at K=2 and again (a quarter) from half the depth on, VisionZip and
-    PruMerge+ at their defaults."""
+    image tokens at K=2 and again (a quarter) from half the depth on, VisionZip, PruMerge+
+    and SparseVLM at their defaults."""
     n, half = arch.n_img, arch.layers // 2
     counts = [n] * 2 + [n // 2] * max(0, half - 2) + [n // 4] * (arch.layers - max(2, half))
     return ",".join([
         "original", "fastv:K=2:R=0.5", "knorm:K=2:R=0.5", "vtw", "dyrate", "fixed_prune:K=2:R=0.5:mode=mask",
         "depth_prune:K=2:R=0.5", "schedule:schedule=" + "/".join(map(str, counts)), "visionzip", "prumerge:plus=true",
+        "sparsevlm",
     ])
 
 

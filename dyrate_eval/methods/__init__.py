@@ -19,12 +19,13 @@ from .knorm import KeyNorm
 from .original import Original
 from .prumerge import PruMerge
 from .schedule import SCHEDULE_SEARCHES, Schedule
+from .sparsevlm import SparseVLM
 from .visionzip import VisionZip
 from .vtw import VTW
 
 METHODS: dict[str, type[PruningPolicy]] = {
     policy.name: policy for policy in (Original, FastV, VTW, DyRate, FixedPrune, DepthPrune, Schedule, KeyNorm, VisionZip,
-                                       PruMerge)
+                                       PruMerge, SparseVLM)
 }
 # The order methods are listed in: every registered method, then the searches whose
 # schedules run as method 'schedule' but are reported under their own names
