@@ -174,6 +174,22 @@ paper_tasks=gqa,vizwiz_vqa_val,scienceqa_img,textvqa_val,pope,$mmbench,mme,nocap
 # the rate ablation, after the grid: label | pretrained (empty: embedded) | the DyRate
 # cell whose captions set the FLOPs share | caption task | its predictor
 ablation=()
+# The other reducers of the paper's Table 1 at its token budgets: VisionZip and SparseVLM
+# keeping 64, 128 and 192 of LLaVA-1.5's 576 image tokens (VisionZip's counts scaled to
+# the model's image tokens; SparseVLM scales its own), PruMerge and PruMerge+ (adaptive).
+# On the embedded model each is followed by FastV at the FLOPs share it spent (below).
+# $1: cell name prefix, $2: "pretrained=...," or empty, $3: tasks, $4: the model's image tokens
+matched=()
+add_reducer_cells() {
+  local prefix=$1 pretrained=$2 tasks=$3 image_tokens=$4 budget tokens
+  for budget in 64 128 192; do
+    tokens=$(( (budget * image_tokens + 288) / 576 ))
+    cells+=("${prefix}visionzip_$tokens|dyrate_llava|${pretrained}method=visionzip,tokens=$tokens|$tasks|"
+            "${prefix}sparsevlm_$budget|dyrate_llava|${pretrained}method=sparsevlm,tokens=$budget|$tasks|")
+  done
+  cells+=("${prefix}prumerge|dyrate_llava|${pretrained}method=prumerge|$tasks|"
+          "${prefix}prumerge_plus|dyrate_llava|${pretrained}method=prumerge,plus=true|$tasks|")
+}
 if [ "$paper" = 1 ]; then
   cells=()
   for size in 7b 13b; do
@@ -185,6 +201,7 @@ if [ "$paper" = 1 ]; then
       "${size}_fastv_K3_R0.5|fastv_llava|pretrained=$id,K=3,R=0.5|$paper_tasks|"
       "${size}_vtw|vtw_llava|pretrained=$id|$paper_tasks|"  # VTW's K: half the depth (16 for 7B, 20 for 13B)
     )
+    add_reducer_cells "${size}_" "pretrained=$id," "$paper_tasks" 576
     if [ -n "$predictor" ]; then
       cells+=("${size}_dyrate|dyrate_llava|pretrained=$id,predictor=$predictor|$paper_tasks|")
       decoding="${size}_decoding_dyrate|dyrate_llava|pretrained=$id,predictor=$predictor|nocaps_val"
@@ -223,6 +240,9 @@ cells=(
   "decoding_dyrate_flops0.6_top_p|dyrate_llava|predictor=$predictors/embedded-flops0.6|shapes_caption|do_sample=True,temperature=0.7,top_p=0.9"
 )
 ablation=("embedded||dyrate_flops0.6|shapes_caption|$predictors/embedded-flops0.6")
+reducers_from=${#cells[@]}
+add_reducer_cells "" "" shapes "$("$bin/python" -c 'import sys; from dyrate_eval.arch import load_arch; print(load_arch(sys.argv[1]).n_img)' "$embedded")"
+for cell in "${cells[@]:$reducers_from}"; do matched+=("${cell%%|*}"); done
 fi
 
 # traces and benchmarks, run after the cells; the paper's are traced on its first model
@@ -230,7 +250,7 @@ if [ -n "$model_7b" ]; then trace_model=$model_7b; trace_predictor=$predictor_7b
 once=4
 schedule_cells=5
 [ "$paper" = 0 ] || { once=3; [ -z "$trace_predictor" ] || once=4; schedule_cells=0; }
-total=$((${#cells[@]} + schedule_cells + 2 * ${#ablation[@]} + once))
+total=$((${#cells[@]} + schedule_cells + 2 * ${#ablation[@]} + ${#matched[@]} + once))
 index=0
 # Counts a cell and says whether it runs: not when its output ($2, non-empty) is there
 # from an earlier run, unless --force. $3: where its log goes.
@@ -342,6 +362,19 @@ for item in "${ablation[@]}"; do
   else
     index=$((index + 2))
     echo "rate ablation for $label skipped: no rate matches $dyrate_cell's FLOPs share (see the message above)" >&2
+  fi
+done
+
+# FastV beside each reducer at the FLOPs share the reducer spent on the short answers
+# (K=1: at K=2 FastV cannot go below about half of the embedded model's FLOPs)
+for cell in "${matched[@]}"; do
+  if [ ! -d "$runs/$cell" ]; then  # the reducer's cell did not run (not among --only)
+    index=$((index + 1))
+  elif rate=$("$bin/dyrate-eval" match-rate "$runs/$cell" --task shapes_vqa --method fastv --set K=1); then
+    run_cell "${cell}_matched_fastv_K1_R$rate|fastv_llava|K=1,R=$rate|shapes|"
+  else
+    index=$((index + 1))
+    echo "no FastV rate matches $cell's FLOPs share (see the message above), no cell" >&2
   fi
 done
 
