@@ -10,7 +10,9 @@
 # its default K (half the depth) and at K=2; DyRate with the two predictors shipped for
 # the embedded model (trained for FLOPs shares of 0.6 and 0.7: its prefill-heavy FLOPs
 # cannot go much below 0.5 at K=2; trained first if missing); the decoding ablation
-# (DyRate 0.6 captions with beam-2, beam-5 and top-p). Then the layer schedules (below)
+# (DyRate 0.6 captions with beam-2, beam-5 and top-p); PyramidDrop and DART at their
+# papers' defaults, each beside FastV at K=2 with the rate that spends its FLOPs share
+# (`dyrate-eval match-rate`). Then the layer schedules (below)
 # with a FastV cell at P-Sigmoid's FLOPs, the rate ablation (FixedPrune and
 # DepthBasedPrune at K=2 with the rate that spends DyRate 0.6's FLOPs share on the
 # captions, `dyrate-eval match-rate`), traces of four captions with FastV and DyRate
@@ -218,6 +220,8 @@ cells=(
   "fastv_K1_R0.5_random|fastv_llava|K=1,R=0.5,selection=random|shapes|"
   "vtw_default|vtw_llava||shapes|"
   "vtw_K2|vtw_llava|K=2|shapes|"
+  "pdrop_lambda0.5|dyrate_llava|method=pdrop,lambda=0.5|shapes|"  # stages at 2/3/5 of 6 layers, positions renumbered
+  "dart_K2_R0.778|dyrate_llava|method=dart,K=2,R=0.778|shapes|"  # 32 of 144 image tokens kept, 2 pivots
   "decoding_dyrate_flops0.6_beam2|dyrate_llava|predictor=$predictors/embedded-flops0.6|shapes_caption|num_beams=2"
   "decoding_dyrate_flops0.6_beam5|dyrate_llava|predictor=$predictors/embedded-flops0.6|shapes_caption|num_beams=5"
   "decoding_dyrate_flops0.6_top_p|dyrate_llava|predictor=$predictors/embedded-flops0.6|shapes_caption|do_sample=True,temperature=0.7,top_p=0.9"
@@ -229,8 +233,10 @@ fi
 if [ -n "$model_7b" ]; then trace_model=$model_7b; trace_predictor=$predictor_7b; else trace_model=$model_13b; trace_predictor=$predictor_13b; fi
 once=4
 schedule_cells=5
-[ "$paper" = 0 ] || { once=3; [ -z "$trace_predictor" ] || once=4; schedule_cells=0; }
-total=$((${#cells[@]} + schedule_cells + 2 * ${#ablation[@]} + once))
+# FastV at the FLOPs share of each of these cells of the grid
+matched_cells=(pdrop_lambda0.5 dart_K2_R0.778)
+[ "$paper" = 0 ] || { once=3; [ -z "$trace_predictor" ] || once=4; schedule_cells=0; matched_cells=(); }
+total=$((${#cells[@]} + ${#matched_cells[@]} + schedule_cells + 2 * ${#ablation[@]} + once))
 index=0
 # Counts a cell and says whether it runs: not when its output ($2, non-empty) is there
 # from an earlier run, unless --force. $3: where its log goes.
@@ -270,6 +276,16 @@ run_cell() {
 }
 for cell in "${cells[@]}"; do
   run_cell "$cell"
+done
+# Both drop first before layer 2, where FastV K=2 drops; their shares are set on the
+# short answers, as P-Sigmoid's below
+for matched in "${matched_cells[@]}"; do
+  if rate=$("$bin/dyrate-eval" match-rate "$runs/$matched" --task shapes_vqa --method fastv --set K=2); then
+    run_cell "fastv_K2_R$rate|fastv_llava|K=2,R=$rate|shapes|"
+  else
+    index=$((index + 1))
+    echo "no FastV rate matches $matched's FLOPs share (see the message above), no cell" >&2
+  fi
 done
 
 # Layer schedules (embedded only; dyrate_eval/search/), searched after the grid:

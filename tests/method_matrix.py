@@ -21,6 +21,15 @@ def _zero_rate_predictor(arch: Arch) -> RatePredictor:
     return RatePredictor.for_model(arch, DYRATE_K, rates=(0.0,))
 
 
+def _staircase_from_the_prefill(arch: Arch) -> RatePredictor:
+    """DyRate's staircase predictor one rate up: it drops already at the prefill (rate
+    0.25), then more as the answer grows."""
+    predictor = staircase_predictor(arch)
+    with torch.no_grad():
+        predictor.linear.bias.copy_(-(torch.arange(len(predictor.rates), dtype=torch.float32) - 1) ** 2)
+    return predictor
+
+
 @dataclass(frozen=True)
 class Case:
     """One setting of a method: ``pruning`` drops tokens, ``unpruned`` (where the method
@@ -34,23 +43,56 @@ class Case:
     simulated: bool = True
 
 
+RENUMBER = {"positions": "renumber"}
+
+# Every method that drops inside the decoder has a case with positions=renumber (SPEC
+# section 3 rule 3), pdrop's default.
 CASES: dict[str, list[Case]] = {
     "original": [Case(lambda arch: {}, lambda arch: {}, drops_in_decoder=False)],
-    "fastv": [Case(lambda arch: {"K": 2, "R": 0.5}, lambda arch: {"K": 2, "R": 0.0})],
-    "vtw": [Case(lambda arch: {"K": 2}, None)],  # withdraws every image token: no setting keeps them
-    "knorm": [Case(lambda arch: {"K": 1, "R": 0.75}, lambda arch: {"K": 1, "R": 0.0})],
+    "fastv": [
+        Case(lambda arch: {"K": 2, "R": 0.5}, lambda arch: {"K": 2, "R": 0.0}),
+        Case(lambda arch: {"K": 2, "R": 0.5, **RENUMBER}, lambda arch: {"K": 2, "R": 0.0, **RENUMBER}),
+    ],
+    "vtw": [  # withdraws every image token: no setting keeps them
+        Case(lambda arch: {"K": 2}, None),
+        Case(lambda arch: {"K": 2, **RENUMBER}, None),
+    ],
+    "knorm": [
+        Case(lambda arch: {"K": 1, "R": 0.75}, lambda arch: {"K": 1, "R": 0.0}),
+        Case(lambda arch: {"K": 1, "R": 0.75, **RENUMBER}, lambda arch: {"K": 1, "R": 0.0, **RENUMBER}),
+    ],
     "dyrate": [
         Case(lambda arch: {"predictor": staircase_predictor(arch)}, lambda arch: {"predictor": _zero_rate_predictor(arch)},
              simulated=False),
         Case(lambda arch: {"predictor": staircase_predictor(arch), "mode": "mask"},
              lambda arch: {"predictor": _zero_rate_predictor(arch), "mode": "mask"}, simulated=False),
+        # drops at the prefill, renumbered, and again at decode steps
+        Case(lambda arch: {"predictor": _staircase_from_the_prefill(arch), **RENUMBER},
+             lambda arch: {"predictor": _zero_rate_predictor(arch), **RENUMBER}, simulated=False),
     ],
     "fixed_prune": [
         Case(lambda arch: {"K": 2, "R": 0.5}, lambda arch: {"K": 2, "R": 0.0}),
         Case(lambda arch: {"K": 1, "R": 0.75, "mode": "mask"}, lambda arch: {"K": 1, "R": 0.0, "mode": "mask"}),
+        Case(lambda arch: {"K": 1, "R": 0.75, **RENUMBER}, lambda arch: {"K": 1, "R": 0.0, **RENUMBER}),
     ],
-    "depth_prune": [Case(lambda arch: {"K": 1, "R": 0.5}, lambda arch: {"K": 1, "R": 0.0})],
-    "schedule": [Case(lambda arch: {"schedule": "64/48/16/16"}, lambda arch: {"schedule": "64/64/64/64"})],
+    "depth_prune": [
+        Case(lambda arch: {"K": 1, "R": 0.5}, lambda arch: {"K": 1, "R": 0.0}),
+        Case(lambda arch: {"K": 1, "R": 0.5, **RENUMBER}, lambda arch: {"K": 1, "R": 0.0, **RENUMBER}),
+    ],
+    "schedule": [
+        Case(lambda arch: {"schedule": "64/48/16/16"}, lambda arch: {"schedule": "64/64/64/64"}),
+        Case(lambda arch: {"schedule": "64/48/16/16", **RENUMBER}, lambda arch: {"schedule": "64/64/64/64", **RENUMBER}),
+    ],
+    "pdrop": [
+        # stages at layers 1/2/3 of 4, lambda 0.5, renumbered: 32, 16 and 8 of 64 kept
+        Case(lambda arch: {}, lambda arch: {"lambda": 1.0}),
+        Case(lambda arch: {"layers": "1/3", "lambda": 0.25, "positions": "original"},
+             lambda arch: {"layers": "1/3", "lambda": 1.0, "positions": "original"}),
+    ],
+    "dart": [
+        Case(lambda arch: {"K": 1, "R": 0.75, "pivots": 3}, lambda arch: {"K": 1, "R": 0.0, "pivots": 3}),
+        Case(lambda arch: {"similarity": "hidden", **RENUMBER}, lambda arch: {"R": 0.0, "similarity": "hidden", **RENUMBER}),
+    ],
 }
 
 

@@ -11,17 +11,20 @@ from typing import Any
 from ..arch import Arch
 from ..core.policy import PruningPolicy
 from ..errors import PruningConfigError
+from .dart import DART
 from .depth_prune import DepthPrune
 from .dyrate import DyRate
 from .fastv import FastV
 from .fixed_prune import FixedPrune
 from .knorm import KeyNorm
 from .original import Original
+from .pdrop import PyramidDrop
 from .schedule import SCHEDULE_SEARCHES, Schedule
 from .vtw import VTW
 
 METHODS: dict[str, type[PruningPolicy]] = {
-    policy.name: policy for policy in (Original, FastV, VTW, DyRate, FixedPrune, DepthPrune, Schedule, KeyNorm)
+    policy.name: policy
+    for policy in (Original, FastV, VTW, DyRate, FixedPrune, DepthPrune, Schedule, KeyNorm, PyramidDrop, DART)
 }
 # The order methods are listed in: every registered method, then the searches whose
 # schedules run as method 'schedule' but are reported under their own names

@@ -4,7 +4,7 @@ Simple and Effective L2 Norm-Based Strategy for KV Cache Compression"; NVIDIA kv
 KnormPress). It needs no attention map, so any attention kernel serves. Also the worked
 example of docs/adding-a-method.md: a method with its own ranking signal."""
 
-from ..core.settings import RATE_SETTING, layer_setting
+from ..core.settings import POSITIONS_SETTING, RATE_SETTING, layer_setting
 from .fastv import FastV
 
 
@@ -13,7 +13,7 @@ class KeyNorm(FastV):
     layer K-1 have the smallest norm (averaged over key-value heads), for all layers >= K."""
 
     name = "knorm"
-    settings = (layer_setting(lambda arch: 2), RATE_SETTING)
+    settings = (layer_setting(lambda arch: 2), RATE_SETTING, POSITIONS_SETTING)
 
     def score(self, signals):
         return -signals.keys().norm(dim=-1).mean(1)
