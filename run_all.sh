@@ -10,7 +10,9 @@
 # its default K (half the depth) and at K=2; DyRate with the two predictors shipped for
 # the embedded model (trained for FLOPs shares of 0.6 and 0.7: its prefill-heavy FLOPs
 # cannot go much below 0.5 at K=2; trained first if missing); the decoding ablation
-# (DyRate 0.6 captions with beam-2, beam-5 and top-p). Then the layer schedules (below)
+# (DyRate 0.6 captions with beam-2, beam-5 and top-p); PyramidDrop and DART at their
+# papers' defaults, each beside FastV at K=2 with the rate that spends its FLOPs share
+# (`dyrate-eval match-rate`). Then the layer schedules (below)
 # with a FastV cell at P-Sigmoid's FLOPs, the rate ablation (FixedPrune and
 # DepthBasedPrune at K=2 with the rate that spends DyRate 0.6's FLOPs share on the
 # captions, `dyrate-eval match-rate`), traces of four captions with FastV and DyRate
@@ -176,7 +178,9 @@ paper_tasks=gqa,vizwiz_vqa_val,scienceqa_img,textvqa_val,pope,$mmbench,mme,nocap
 ablation=()
 # The other reducers of the paper's Table 1 at its token budgets: VisionZip and SparseVLM
 # keeping 64, 128 and 192 of LLaVA-1.5's 576 image tokens (VisionZip's counts scaled to
-# the model's image tokens; SparseVLM scales its own), PruMerge and PruMerge+ (adaptive).
+# the model's image tokens; SparseVLM scales its own), PruMerge and PruMerge+ (adaptive);
+# and PyramidDrop (lambda 0.5 at a quarter, half and three quarters of the depth,
+# positions renumbered) and DART (K=2, 128 of 576 kept), at their papers' defaults.
 # On the embedded model each is followed by FastV at the FLOPs share it spent (below).
 # $1: cell name prefix, $2: "pretrained=...," or empty, $3: tasks, $4: the model's image tokens
 matched=()
@@ -188,7 +192,9 @@ add_reducer_cells() {
             "${prefix}sparsevlm_$budget|dyrate_llava|${pretrained}method=sparsevlm,tokens=$budget|$tasks|")
   done
   cells+=("${prefix}prumerge|dyrate_llava|${pretrained}method=prumerge|$tasks|"
-          "${prefix}prumerge_plus|dyrate_llava|${pretrained}method=prumerge,plus=true|$tasks|")
+          "${prefix}prumerge_plus|dyrate_llava|${pretrained}method=prumerge,plus=true|$tasks|"
+          "${prefix}pdrop_lambda0.5|dyrate_llava|${pretrained}method=pdrop,lambda=0.5|$tasks|"
+          "${prefix}dart_K2_R0.778|dyrate_llava|${pretrained}method=dart,K=2,R=0.778|$tasks|")
 }
 if [ "$paper" = 1 ]; then
   cells=()
@@ -291,6 +297,26 @@ run_cell() {
 for cell in "${cells[@]}"; do
   run_cell "$cell"
 done
+# FastV beside each reducer (PyramidDrop, DART, VisionZip, SparseVLM, PruMerge) at the
+# FLOPs share it spent on the short answers, as P-Sigmoid's below: at K=2 where FastV
+# reaches it, else at K=1 (at K=2 FastV cannot go below about half of the embedded
+# model's FLOPs)
+for matched_cell in "${matched[@]}"; do
+  if [ ! -d "$runs/$matched_cell" ]; then  # the reducer's cell did not run (not among --only)
+    index=$((index + 1))
+    continue
+  fi
+  rate=""
+  for K in 2 1; do
+    rate=$("$bin/dyrate-eval" match-rate "$runs/$matched_cell" --task shapes_vqa --method fastv --set K=$K 2>/dev/null) && break
+  done
+  if [ -n "$rate" ]; then
+    run_cell "fastv_K${K}_R$rate|fastv_llava|K=$K,R=$rate|shapes|"
+  else
+    index=$((index + 1))
+    echo "no FastV rate at K=2 or K=1 matches $matched_cell's FLOPs share, no cell" >&2
+  fi
+done
 
 # Layer schedules (embedded only; dyrate_eval/search/), searched after the grid:
 # G-Search with the KL and with the score criterion, P-Sigmoid at a 40% FLOPs budget
@@ -362,19 +388,6 @@ for item in "${ablation[@]}"; do
   else
     index=$((index + 2))
     echo "rate ablation for $label skipped: no rate matches $dyrate_cell's FLOPs share (see the message above)" >&2
-  fi
-done
-
-# FastV beside each reducer at the FLOPs share the reducer spent on the short answers
-# (K=1: at K=2 FastV cannot go below about half of the embedded model's FLOPs)
-for cell in "${matched[@]}"; do
-  if [ ! -d "$runs/$cell" ]; then  # the reducer's cell did not run (not among --only)
-    index=$((index + 1))
-  elif rate=$("$bin/dyrate-eval" match-rate "$runs/$cell" --task shapes_vqa --method fastv --set K=1); then
-    run_cell "${cell}_matched_fastv_K1_R$rate|fastv_llava|K=1,R=$rate|shapes|"
-  else
-    index=$((index + 1))
-    echo "no FastV rate matches $cell's FLOPs share (see the message above), no cell" >&2
   fi
 done
 

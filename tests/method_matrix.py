@@ -25,6 +25,15 @@ def _zero_rate_predictor(arch: Arch) -> RatePredictor:
 DECIDES_FROM_INPUT = "decides how many tokens to keep from what each input.s attention shows"
 
 
+def _staircase_from_the_prefill(arch: Arch) -> RatePredictor:
+    """DyRate's staircase predictor one rate up: it drops already at the prefill (rate
+    0.25), then more as the answer grows."""
+    predictor = staircase_predictor(arch)
+    with torch.no_grad():
+        predictor.linear.bias.copy_(-(torch.arange(len(predictor.rates), dtype=torch.float32) - 1) ** 2)
+    return predictor
+
+
 @dataclass(frozen=True)
 class Case:
     """One setting of a method: ``pruning`` drops tokens, ``unpruned`` (where the method
@@ -41,26 +50,60 @@ class Case:
     unsimulated: str | None = None
 
 
+RENUMBER = {"positions": "renumber"}
+
+# Every method that drops inside the decoder has a case with positions=renumber (SPEC
+# section 3 rule 3), pdrop's default.
 CASES: dict[str, list[Case]] = {
     "original": [Case(lambda arch: {}, lambda arch: {}, drops_in_decoder=False)],
-    "fastv": [Case(lambda arch: {"K": 2, "R": 0.5}, lambda arch: {"K": 2, "R": 0.0})],
-    "vtw": [Case(lambda arch: {"K": 2}, None)],  # withdraws every image token: no setting keeps them
-    "knorm": [Case(lambda arch: {"K": 1, "R": 0.75}, lambda arch: {"K": 1, "R": 0.0})],
+    "fastv": [
+        Case(lambda arch: {"K": 2, "R": 0.5}, lambda arch: {"K": 2, "R": 0.0}),
+        Case(lambda arch: {"K": 2, "R": 0.5, **RENUMBER}, lambda arch: {"K": 2, "R": 0.0, **RENUMBER}),
+    ],
+    "vtw": [  # withdraws every image token: no setting keeps them
+        Case(lambda arch: {"K": 2}, None),
+        Case(lambda arch: {"K": 2, **RENUMBER}, None),
+    ],
+    "knorm": [
+        Case(lambda arch: {"K": 1, "R": 0.75}, lambda arch: {"K": 1, "R": 0.0}),
+        Case(lambda arch: {"K": 1, "R": 0.75, **RENUMBER}, lambda arch: {"K": 1, "R": 0.0, **RENUMBER}),
+    ],
     "dyrate": [
         Case(lambda arch: {"predictor": staircase_predictor(arch)}, lambda arch: {"predictor": _zero_rate_predictor(arch)},
              unsimulated=DECIDES_FROM_INPUT),
         Case(lambda arch: {"predictor": staircase_predictor(arch), "mode": "mask"},
              lambda arch: {"predictor": _zero_rate_predictor(arch), "mode": "mask"}, unsimulated=DECIDES_FROM_INPUT),
+        # drops at the prefill, renumbered, and again at decode steps
+        Case(lambda arch: {"predictor": _staircase_from_the_prefill(arch), **RENUMBER},
+             lambda arch: {"predictor": _zero_rate_predictor(arch), **RENUMBER}, unsimulated=DECIDES_FROM_INPUT),
     ],
     "fixed_prune": [
         Case(lambda arch: {"K": 2, "R": 0.5}, lambda arch: {"K": 2, "R": 0.0}),
         Case(lambda arch: {"K": 1, "R": 0.75, "mode": "mask"}, lambda arch: {"K": 1, "R": 0.0, "mode": "mask"}),
+        Case(lambda arch: {"K": 1, "R": 0.75, **RENUMBER}, lambda arch: {"K": 1, "R": 0.0, **RENUMBER}),
     ],
-    "depth_prune": [Case(lambda arch: {"K": 1, "R": 0.5}, lambda arch: {"K": 1, "R": 0.0})],
-    "schedule": [Case(lambda arch: {"schedule": "64/48/16/16"}, lambda arch: {"schedule": "64/64/64/64"})],
+    "depth_prune": [
+        Case(lambda arch: {"K": 1, "R": 0.5}, lambda arch: {"K": 1, "R": 0.0}),
+        Case(lambda arch: {"K": 1, "R": 0.5, **RENUMBER}, lambda arch: {"K": 1, "R": 0.0, **RENUMBER}),
+    ],
+    "schedule": [
+        Case(lambda arch: {"schedule": "64/48/16/16"}, lambda arch: {"schedule": "64/64/64/64"}),
+        Case(lambda arch: {"schedule": "64/48/16/16", **RENUMBER}, lambda arch: {"schedule": "64/64/64/64", **RENUMBER}),
+    ],
+    "pdrop": [
+        # stages at layers 1/2/3 of 4, lambda 0.5, renumbered: 32, 16 and 8 of 64 kept
+        Case(lambda arch: {}, lambda arch: {"lambda": 1.0}),
+        Case(lambda arch: {"layers": "1/3", "lambda": 0.25, "positions": "original"},
+             lambda arch: {"layers": "1/3", "lambda": 1.0, "positions": "original"}),
+    ],
+    "dart": [
+        Case(lambda arch: {"K": 1, "R": 0.75, "pivots": 3}, lambda arch: {"K": 1, "R": 0.0, "pivots": 3}),
+        Case(lambda arch: {"similarity": "hidden", **RENUMBER}, lambda arch: {"R": 0.0, "similarity": "hidden", **RENUMBER}),
+    ],
     "sparsevlm": [
         Case(lambda arch: {}, None, unsimulated="a scoring row per instruction token"),
-        Case(lambda arch: {"tokens": 64, "layers": "1/2/3"}, None, unsimulated="a scoring row per instruction token"),
+        Case(lambda arch: {"tokens": 64, "layers": "1/2/3", "positions": "original"}, None,
+             unsimulated="a scoring row per instruction token"),
     ],
     "visionzip": [
         Case(lambda arch: {}, lambda arch: {"tokens": arch.n_img, "contextual": 0}, drops_in_decoder=False,

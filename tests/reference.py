@@ -126,12 +126,20 @@ class PolicyMaskedReference:
     model (the layer before's attention weights, cached keys, layer l's input), applies
     the merges the policy asks for to layer l's input, and masks the others out of layer
     l and the layers after it: for good when progressive, until the next selection
-    otherwise. Batch rows must be left padded, so that each row's last position is its query."""
+    otherwise. Batch rows must be left padded, so that each row's last position is its query.
 
-    def __init__(self, model, policy, image_positions_per_row, prompt_length):
+    With the policy's positions=renumber, the layers that lost image tokens at the
+    prefill get new rotary tables: at the prefill each token its rank among the tokens
+    that layer still attends to (``prompt_mask`` (B, S) tells padding from tokens), and
+    at every decode step the new token the id after the layer's previous one."""
+
+    def __init__(self, model, policy, image_positions_per_row, prompt_length, prompt_mask=None):
         from dyrate_eval.core.policy import Ranking, RankingSignals, StepView
 
         self.policy, self.positions, self.prompt_length = policy, image_positions_per_row, prompt_length
+        self.prompt_mask = prompt_mask
+        self.rotary = model.model.language_model.rotary_emb
+        self.next_position = {}  # per renumbered layer, (B,): the id its next token takes
         self.step, self.weights, self.hidden = -1, {}, {}
         layers = model.model.language_model.layers
         self.num_layers = len(layers)
@@ -206,8 +214,30 @@ class PolicyMaskedReference:
             for row, positions in enumerate(self.positions):
                 mask[row, :, :, positions[~torch.isin(positions, self.kept[index][row])]] = blocked
             kwargs["attention_mask"] = mask
+            if self.policy.positions == "renumber":
+                ids = self._renumbered_ids(index)
+                if ids is not None:
+                    kwargs["position_embeddings"] = self.rotary(kwargs["hidden_states"], ids)
             return args, kwargs
         return hook
+
+    def _renumbered_ids(self, layer):
+        """(B, queries) the position ids of layer ``layer``'s queries, or None where it
+        keeps the model's own (it lost no image token at the prefill)."""
+        if self.step == 0:
+            dropped = [len(kept) < len(positions) for kept, positions in zip(self.kept[layer], self.positions)]
+            if not any(dropped):
+                return None
+            attended = self.prompt_mask.bool().clone()
+            for row, positions in enumerate(self.positions):
+                attended[row, positions[~torch.isin(positions, self.kept[layer][row])]] = False
+            self.next_position[layer] = attended.sum(1)
+            return (attended.long().cumsum(1) - 1).clamp(min=0)
+        if layer not in self.next_position:
+            return None
+        ids = self.next_position[layer][:, None]
+        self.next_position[layer] = self.next_position[layer] + 1
+        return ids
 
     def _select(self, layer, cache, hidden):
         """Update the kept sets before ``layer``; returns its input with the policy's merges applied, if any."""
@@ -336,3 +366,63 @@ def prumerge_reference(plus, neighbours):
         return kept, torch.stack(merged) if merged else features[:0]
 
     return reduce
+
+
+class StagedDropsRenumbered:
+    """PyramidDrop's way, on the unmodified eager model without a KV cache: every forward
+    runs the whole sequence (the prompt and the tokens generated so far), and before each
+    stage layer l of ``keeps`` ({layer: image tokens kept}) the image tokens ranked lowest
+    by the last prompt token's head-averaged attention at layer l-1 are cut out of the
+    hidden states; layers l and after then number what is left 0..n-1. Which tokens a
+    stage keeps is decided at the first forward (the prefill) and holds. Batch 1."""
+
+    def __init__(self, model, keeps, image_positions, prompt_length):
+        language_model = model.model.language_model
+        self.rotary, self.keeps = language_model.rotary_emb, keeps
+        self.image_positions, self.prompt_length = image_positions, prompt_length
+        self.chosen = {}  # stage layer -> the prompt positions of the image tokens it keeps
+        self.rows = None  # the timeline positions of the rows this forward still runs
+        self.weights = None
+        self.handles = []
+        for index, layer in enumerate(language_model.layers):
+            self.handles.append(layer.register_forward_pre_hook(self._cut(index), with_kwargs=True))
+            if index + 1 in keeps:
+                self.handles.append(layer.self_attn.register_forward_hook(self._keep_weights))
+
+    def _keep_weights(self, module, args, output):
+        self.weights = output[1]  # (1, heads, rows, rows)
+
+    def _cut(self, index):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                self.rows = torch.arange(hidden.shape[1])
+            if index in self.keeps:
+                if index not in self.chosen:
+                    query = int((self.rows == self.prompt_length - 1).nonzero())
+                    is_image = torch.isin(self.rows, self.image_positions)
+                    scores = self.weights[0, :, query, is_image].float().mean(0)
+                    self.chosen[index] = self.rows[is_image][scores.topk(self.keeps[index]).indices]
+                staying = ~torch.isin(self.rows, self.image_positions) | torch.isin(self.rows, self.chosen[index])
+                hidden, self.rows = hidden[:, staying], self.rows[staying]
+            if index >= min(self.keeps):
+                length = len(self.rows)
+                kwargs["position_embeddings"] = self.rotary(hidden, torch.arange(length)[None])
+                causal = torch.full((length, length), torch.finfo(hidden.dtype).min).triu(1)
+                kwargs["attention_mask"] = causal[None, None]
+            return (hidden,), kwargs
+        return hook
+
+    def greedy(self, model, inputs, new_tokens):
+        """(tokens (1, new_tokens), logits (1, new_tokens, vocab)), each step a full forward."""
+        ids, logits = inputs["input_ids"], []
+        with torch.no_grad():
+            for _ in range(new_tokens):
+                step_logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], use_cache=False).logits[:, -1]
+                logits.append(step_logits)
+                ids = torch.cat([ids, step_logits.argmax(-1, keepdim=True)], dim=1)
+        return ids[:, inputs["input_ids"].shape[1]:], torch.stack(logits, dim=1)
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()

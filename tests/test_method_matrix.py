@@ -115,7 +115,7 @@ def test_masked_reference_gives_the_same_generation(tiny_dir, make_inputs, metho
     eager = load_model(tiny_dir, attn="eager")
     reference = PolicyMaskedReference(eager, make_policy(method, arch, **case.pruning(arch)),
                                       image_positions(inputs["input_ids"], eager.config.image_token_id),
-                                      inputs["input_ids"].shape[1])
+                                      inputs["input_ids"].shape[1], inputs["attention_mask"])
     reference_tokens, reference_logits, _ = greedy(eager, inputs, NEW, output_attentions=True)
     reference.remove()
     model = pruned_model(tiny_dir, method, case.pruning(arch))

@@ -9,7 +9,10 @@ hidden states in prefill, and from the KV cache of the layers that no longer see
 in decode. A policy that decides from the attention (DyRate) is first shown the step's
 attention per head and token group at the previous layer; one that re-selects at every
 step (mode=mask) keeps the image tokens cached and hides the others from attention
-instead. Surviving tokens keep their original position ids (FastV/VTW convention).
+instead. Surviving tokens keep their original position ids (FastV/VTW convention), or
+with the policy's ``positions=renumber`` (PyramidDrop's convention) a prefill drop
+renumbers the tokens of the layers from the drop on contiguously, and each later token of
+such a layer takes the id after that layer's last one (rotary tables per key layout).
 
 The model is reached only through ``core/hf_llava.py`` (``HFDecoder``), the one module
 that knows transformers.
@@ -114,6 +117,31 @@ class _MaskCache:
         mask = self._decoder.causal_mask(hidden, key_mask, cache, layer_idx)
         self._built.append((layout, mask))
         return mask
+
+
+class _NewTokenRotary:
+    """The rotary tables of a decode step's new tokens per key layout: for the ids
+    generate passed, or for a layout renumbered at the prefill (positions=renumber) for
+    the ids after its own last one, so that layers which dropped differently number the
+    same token differently."""
+
+    def __init__(self, decoder, embeds, position_ids):
+        self._decoder, self._embeds = decoder, embeds
+        self._given = (decoder.rotary(embeds, position_ids), position_ids)
+        self._renumbered: dict[int, tuple] = {}
+
+    def of(self, layout: KeyLayout):
+        """(the rotary tables, the position ids) of the new tokens in the layers of ``layout``."""
+        if layout.next_position is None:
+            return self._given
+        # layouts that share their numbering share its tensor (KeyLayout.without keeps it)
+        key = id(layout.next_position)
+        if key not in self._renumbered:
+            new_tokens = self._embeds.shape[1]
+            offsets = torch.arange(-new_tokens, 0, device=layout.next_position.device)
+            ids = layout.next_position[:, None] + offsets  # the layout already counts this step's tokens
+            self._renumbered[key] = (self._decoder.rotary(self._embeds, ids), ids)
+        return self._renumbered[key]
 
 
 class _Step:
@@ -277,7 +305,11 @@ class Executor:
                     _scatter_rows(full_hidden, hidden, layout)
                     layout, local = layout.without(img_kept)
                     hidden = gather_rows(hidden, local)
-                    cos, sin = gather_rows(cos, local), gather_rows(sin, local)
+                    if self.policy.positions == "renumber":
+                        layout, renumbered = layout.renumbered(attention_mask)
+                        cos, sin = self.decoder.rotary(hidden, renumbered)
+                    else:
+                        cos, sin = gather_rows(cos, local), gather_rows(sin, local)
             state.layouts[layer_idx] = layout
             layer_input = hidden
             with self._scoring_capture(layer_idx, state.step) as capture:
@@ -305,13 +337,13 @@ class Executor:
             position_ids = new_positions.unsqueeze(0)
         if state.position_shift is not None:
             position_ids = position_ids.expand(batch, -1) - state.position_shift[:, None]
-        rotary = self.decoder.rotary(embeds, position_ids)
         appended: dict[int, KeyLayout] = {}
         state.layouts = [appended.setdefault(id(lay), lay.appended(new_positions)) for lay in state.layouts]
+        rotaries = _NewTokenRotary(self.decoder, embeds, position_ids)
         query_timeline = torch.full((batch,), state.length - 1, device=device)
-        hidden, masks, layer_input, projected = embeds, _MaskCache(self.decoder), None, None
+        hidden, masks, layer_input, projected, rotary = embeds, _MaskCache(self.decoder), None, None, None
         for layer_idx in range(self.num_layers):
-            if layer_idx > 0:
+            if layer_idx > 0:  # ``rotary``: the previous layer's, whose attention row may rank
                 step = _Step(state, layer_idx, layer_input, projected, rotary, query_timeline, attention_mask, cache,
                              new_tokens - 1, hidden)
                 img_kept, _ = self._select(step, state.layouts[layer_idx])  # merging is refused at decode steps
@@ -319,11 +351,13 @@ class Executor:
                     self._hide_from_later_layers(state, layer_idx, img_kept)
                 elif img_kept is not None:
                     self._evict(state, cache, layer_idx, img_kept, new_tokens)
+            layout = state.layouts[layer_idx]
+            rotary, layer_position_ids = rotaries.of(layout)
             layer_input = hidden
             with self._scoring_capture(layer_idx, state.step) as capture:
                 hidden = self.decoder.run_layer(
-                    layer_idx, hidden, masks.get(hidden, state.layouts[layer_idx], attention_mask, cache, layer_idx),
-                    rotary, position_ids, cache, kwargs,
+                    layer_idx, hidden, masks.get(hidden, layout, attention_mask, cache, layer_idx),
+                    rotary, layer_position_ids, cache, kwargs,
                 )
             projected = capture.output
         self._record_step(state, attention_mask, new_tokens)

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..arch import Arch
+from ..errors import PruningConfigError
 from .settings import Setting
 
 
@@ -146,12 +147,21 @@ class PruningPolicy:
     # Whether ``reduce_before_decoder`` acts: the vision tower's feature layer is then
     # watched while it runs, for the ``VisionSignals``
     reduces_before_decoder: ClassVar[bool] = False
+    # The position ids of the tokens after a drop (settings.POSITIONS_SETTING, which the
+    # methods that drop take): "original" keeps the prompt's, "renumber" numbers them
+    # contiguously in the layers that no longer see the dropped ones (docs/methods.md)
+    positions: str = "original"
 
     def __init__(self, arch: Arch, values: dict[str, Any]):
         self.arch = arch
         self.num_layers = arch.layers
         for setting in self.settings:
             setattr(self, setting.name, values[setting.name])
+        if self.positions == "renumber" and not self.progressive:
+            raise PruningConfigError(
+                f"positions='renumber' is not allowed for method {self.name!r} with mode='mask': the image tokens it "
+                "hides stay cached with the positions they were cached at; renumbering needs mode='progressive'"
+            )
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, **{s.name: getattr(self, s.name) for s in self.settings}}

@@ -7,7 +7,7 @@ example of docs/adding-a-method.md: a method with its own ranking signal."""
 import torch
 
 from ..core.policy import PruningPolicy
-from ..core.settings import RATE_SETTING, layer_setting
+from ..core.settings import POSITIONS_SETTING, RATE_SETTING, layer_setting
 
 
 class KeyNorm(PruningPolicy):
@@ -15,7 +15,7 @@ class KeyNorm(PruningPolicy):
     layer K-1 have the smallest norm (averaged over key-value heads), for all layers >= K."""
 
     name = "knorm"
-    settings = (layer_setting(lambda arch: 2), RATE_SETTING)
+    settings = (layer_setting(lambda arch: 2), RATE_SETTING, POSITIONS_SETTING)
 
     def keep_before_layer(self, layer, step, view):
         if step == 0 and layer == self.K:

@@ -11,7 +11,8 @@ its budget of the most relevant tokens (for 192 tokens on average: 300, 200 and 
 576; for 128: 303, 110, 36; for 64: 66, 30, 17; scaled to the model's image tokens), and
 recycles the 30% most relevant of the deleted ones (one more): they are grouped into a
 tenth as many clusters (one more) by density peaks on their hidden states, and each
-cluster lives on as one token, its centre, carrying the cluster's mean state.
+cluster lives on as one token, its centre, carrying the cluster's mean state. The tokens
+left are numbered contiguously (positions=renumber, its convention).
 Differences: SparseVLM picks its raters by the embeddings' similarity to the image
 before layer 0 and appends the recycled tokens as new tokens after the kept ones; this
 core picks them by attention at each stage and keeps the recycled states in the
@@ -27,7 +28,7 @@ import torch
 
 from ..arch import Arch
 from ..core.policy import PruningPolicy, Ranking
-from ..core.settings import Setting
+from ..core.settings import Setting, positions_setting
 
 # per budget, the image tokens each stage keeps, of LLaVA-1.5's 576
 STAGE_BUDGETS = {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)}
@@ -66,6 +67,7 @@ class SparseVLM(PruningPolicy):
     settings = (
         Setting("tokens", "64, 128 or 192 (image tokens on average, of 576)", _parse_budget, lambda arch: 192),
         Setting("layers", "three increasing layers in 1..num_layers-1 separated by '/'", _parse_layers, _default_layers),
+        positions_setting("renumber"),  # SparseVLM numbers the tokens it keeps contiguously
     )
 
     def keep_before_layer(self, layer, step, view):
