@@ -10,7 +10,9 @@
 # its default K (half the depth) and at K=2; DyRate with the two predictors shipped for
 # the embedded model (trained for FLOPs shares of 0.6 and 0.7: its prefill-heavy FLOPs
 # cannot go much below 0.5 at K=2; trained first if missing); the decoding ablation
-# (DyRate 0.6 captions with beam-2, beam-5 and top-p). Then the layer schedules (below)
+# (DyRate 0.6 captions with beam-2, beam-5 and top-p); PyramidDrop and DART at their
+# papers' defaults, each beside FastV at K=2 with the rate that spends its FLOPs share
+# (`dyrate-eval match-rate`). Then the layer schedules (below)
 # with a FastV cell at P-Sigmoid's FLOPs, the rate ablation (FixedPrune and
 # DepthBasedPrune at K=2 with the rate that spends DyRate 0.6's FLOPs share on the
 # captions, `dyrate-eval match-rate`), traces of four captions with FastV and DyRate
@@ -181,6 +183,26 @@ paper_tasks=gqa,vizwiz_vqa_val,scienceqa_img,textvqa_val,pope,$mmbench,mme,nocap
 # the rate ablation, after the grid: label | pretrained (empty: embedded) | the DyRate
 # cell whose captions set the FLOPs share | caption task | its predictor
 ablation=()
+# The other reducers of the paper's Table 1 at its token budgets: VisionZip and SparseVLM
+# keeping 64, 128 and 192 of LLaVA-1.5's 576 image tokens (VisionZip's counts scaled to
+# the model's image tokens; SparseVLM scales its own), PruMerge and PruMerge+ (adaptive);
+# and PyramidDrop (lambda 0.5 at a quarter, half and three quarters of the depth,
+# positions renumbered) and DART (K=2, 128 of 576 kept), at their papers' defaults.
+# On the embedded model each is followed by FastV at the FLOPs share it spent (below).
+# $1: cell name prefix, $2: "pretrained=...," or empty, $3: tasks, $4: the model's image tokens
+matched=()
+add_reducer_cells() {
+  local prefix=$1 pretrained=$2 tasks=$3 image_tokens=$4 budget tokens
+  for budget in 64 128 192; do
+    tokens=$(( (budget * image_tokens + 288) / 576 ))
+    cells+=("${prefix}visionzip_$tokens|dyrate_llava|${pretrained}method=visionzip,tokens=$tokens|$tasks|"
+            "${prefix}sparsevlm_$budget|dyrate_llava|${pretrained}method=sparsevlm,tokens=$budget|$tasks|")
+  done
+  cells+=("${prefix}prumerge|dyrate_llava|${pretrained}method=prumerge|$tasks|"
+          "${prefix}prumerge_plus|dyrate_llava|${pretrained}method=prumerge,plus=true|$tasks|"
+          "${prefix}pdrop_lambda0.5|dyrate_llava|${pretrained}method=pdrop,lambda=0.5|$tasks|"
+          "${prefix}dart_K2_R0.778|dyrate_llava|${pretrained}method=dart,K=2,R=0.778|$tasks|")
+}
 if [ "$paper" = 1 ]; then
   cells=()
   for size in 7b 13b; do
@@ -192,6 +214,7 @@ if [ "$paper" = 1 ]; then
       "${size}_fastv_K3_R0.5|fastv_llava|pretrained=$id,K=3,R=0.5|$paper_tasks|"
       "${size}_vtw|vtw_llava|pretrained=$id|$paper_tasks|"  # VTW's K: half the depth (16 for 7B, 20 for 13B)
     )
+    add_reducer_cells "${size}_" "pretrained=$id," "$paper_tasks" 576
     if [ -n "$predictor" ]; then
       cells+=("${size}_dyrate|dyrate_llava|pretrained=$id,predictor=$predictor|$paper_tasks|")
       decoding="${size}_decoding_dyrate|dyrate_llava|pretrained=$id,predictor=$predictor|nocaps_val"
@@ -230,6 +253,9 @@ cells=(
   "decoding_dyrate_flops0.6_top_p|dyrate_llava|predictor=$predictors/embedded-flops0.6|shapes_caption|do_sample=True,temperature=0.7,top_p=0.9"
 )
 ablation=("embedded||dyrate_flops0.6|shapes_caption|$predictors/embedded-flops0.6")
+reducers_from=${#cells[@]}
+add_reducer_cells "" "" shapes "$("$bin/python" -c 'import sys; from dyrate_eval.arch import load_arch; print(load_arch(sys.argv[1]).n_img)' "$embedded")"
+for cell in "${cells[@]:$reducers_from}"; do matched+=("${cell%%|*}"); done
 fi
 
 # traces and benchmarks, run after the cells; the paper's are traced on its first model
@@ -237,7 +263,7 @@ if [ -n "$model_7b" ]; then trace_model=$model_7b; trace_predictor=$predictor_7b
 once=4
 schedule_cells=5
 [ "$paper" = 0 ] || { once=3; [ -z "$trace_predictor" ] || once=4; schedule_cells=0; }
-total=$((${#cells[@]} + schedule_cells + 2 * ${#ablation[@]} + 1 + once))  # 1: the latency pass
+total=$((${#cells[@]} + schedule_cells + 2 * ${#ablation[@]} + ${#matched[@]} + 1 + once))  # 1: the latency pass
 index=0
 # Counts a cell and says whether it runs: not when its output ($2, non-empty) is there
 # from an earlier run, unless --force. $3: where its log goes.
@@ -251,15 +277,18 @@ cell_starts() {
   echo "[$index/$total] $1: running${3:+ (log: $3)}"
   started=$SECONDS
 }
-# the cells the latency pass times: every cell run_all.sh was asked for, run now or earlier
+# the cells the latency pass times: every cell run_all.sh was asked for, run now or
+# earlier, once (a FLOPs-matched FastV cell can be a cell of the grid)
 timed_cells=()
+timed_names=","
 # One lmms-eval cell: name | lmms-eval model | model_args | tasks | gen_kwargs.
 run_cell() {
   local name lmms_model model_args tasks gen_kwargs out
   IFS='|' read -r name lmms_model model_args tasks gen_kwargs <<<"$1"
   out="$runs/$name"
-  if [ -z "$only" ] || [[ $only == *",$name,"* ]]; then
+  if { [ -z "$only" ] || [[ $only == *",$name,"* ]]; } && [[ $timed_names != *",$name,"* ]]; then
     timed_cells+=("$out")
+    timed_names+="$name,"
   fi
   # lmms-eval puts the results file in a subfolder named after pretrained=, or directly
   # in the output folder when pretrained= is not given (tasks' submission files, such as
@@ -282,6 +311,26 @@ run_cell() {
 }
 for cell in "${cells[@]}"; do
   run_cell "$cell"
+done
+# FastV beside each reducer (PyramidDrop, DART, VisionZip, SparseVLM, PruMerge) at the
+# FLOPs share it spent on the short answers, as P-Sigmoid's below: at K=2 where FastV
+# reaches it, else at K=1 (at K=2 FastV cannot go below about half of the embedded
+# model's FLOPs)
+for matched_cell in "${matched[@]}"; do
+  if [ ! -d "$runs/$matched_cell" ]; then  # the reducer's cell did not run (not among --only)
+    index=$((index + 1))
+    continue
+  fi
+  rate=""
+  for K in 2 1; do
+    rate=$("$bin/dyrate-eval" match-rate "$runs/$matched_cell" --task shapes_vqa --method fastv --set K=$K 2>/dev/null) && break
+  done
+  if [ -n "$rate" ]; then
+    run_cell "fastv_K${K}_R$rate|fastv_llava|K=$K,R=$rate|shapes|"
+  else
+    index=$((index + 1))
+    echo "no FastV rate at K=2 or K=1 matches $matched_cell's FLOPs share, no cell" >&2
+  fi
 done
 
 # Layer schedules (embedded only; dyrate_eval/search/), searched after the grid:

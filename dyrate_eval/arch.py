@@ -26,6 +26,12 @@ class Arch:
     vision_layers: int
     image_size: int
     patch_size: int
+    vision_heads: int
+
+    @property
+    def vision_head_dim(self) -> int:
+        return self.vision_hidden // self.vision_heads
+
     # LLaVA-1.5 reads every patch token (the class token is dropped before the projector)
     @property
     def n_img(self) -> int:
@@ -48,6 +54,7 @@ class Arch:
             vision_layers=vision.num_hidden_layers,
             image_size=vision.image_size,
             patch_size=vision.patch_size,
+            vision_heads=vision.num_attention_heads,
         )
 
     def llava_config(self):
@@ -59,7 +66,7 @@ class Arch:
             hidden_size=self.vision_hidden,
             intermediate_size=self.vision_intermediate,
             num_hidden_layers=self.vision_layers,
-            num_attention_heads=self.vision_hidden // 64,
+            num_attention_heads=self.vision_heads,
             image_size=self.image_size,
             patch_size=self.patch_size,
         )
@@ -77,7 +84,8 @@ class Arch:
 
 
 # The published LLaVA-1.5 shapes: Vicuna-v1.5 (Llama-2) decoders, CLIP ViT-L/14 at 336 px.
-_CLIP_L_336 = {"vision_hidden": 1024, "vision_intermediate": 4096, "vision_layers": 24, "image_size": 336, "patch_size": 14}
+_CLIP_L_336 = {"vision_hidden": 1024, "vision_intermediate": 4096, "vision_layers": 24, "image_size": 336, "patch_size": 14,
+               "vision_heads": 16}
 ARCHS = {
     "llava-1.5-7b": Arch("llava-1.5-7b", 4096, 11008, 32, 32, 32, 128, 32064, **_CLIP_L_336),
     "llava-1.5-13b": Arch("llava-1.5-13b", 5120, 13824, 40, 40, 40, 128, 32064, **_CLIP_L_336),
@@ -85,7 +93,7 @@ ARCHS = {
     # at a sixteenth of its width, so a sample takes seconds on 2 cores.
     "llava-1.5-7b-cpu": Arch(
         "llava-1.5-7b-cpu", 256, 688, 32, 2, 2, 128, 32064,
-        vision_hidden=128, vision_intermediate=512, vision_layers=24, image_size=336, patch_size=14,
+        vision_hidden=128, vision_intermediate=512, vision_layers=24, image_size=336, patch_size=14, vision_heads=2,
     ),
     # For timing on a CPU at the real width: the 7B's width, heads and 576 image tokens,
     # with 4 of its 32 decoder layers. Pruning changes per-layer costs, so ratios measured

@@ -13,12 +13,25 @@ import torch
 from dyrate_eval.arch import Arch
 from dyrate_eval.dyrate.predictor import RatePredictor
 
+from .reference import prumerge_reference, visionzip_reference
 from .test_dyrate import K as DYRATE_K, staircase_predictor
 
 
 def _zero_rate_predictor(arch: Arch) -> RatePredictor:
     """A predictor whose only rate is 0: DyRate's every decision keeps every image token."""
     return RatePredictor.for_model(arch, DYRATE_K, rates=(0.0,))
+
+
+DECIDES_FROM_INPUT = "decides how many tokens to keep from what each input.s attention shows"
+
+
+def _staircase_from_the_prefill(arch: Arch) -> RatePredictor:
+    """DyRate's staircase predictor one rate up: it drops already at the prefill (rate
+    0.25), then more as the answer grows."""
+    predictor = staircase_predictor(arch)
+    with torch.no_grad():
+        predictor.linear.bias.copy_(-(torch.arange(len(predictor.rates), dtype=torch.float32) - 1) ** 2)
+    return predictor
 
 
 @dataclass(frozen=True)
@@ -30,27 +43,83 @@ class Case:
     unpruned: Callable[[Arch], dict] | None
     # whether the method drops image tokens inside the decoder (the masked reference applies)
     drops_in_decoder: bool = True
-    # whether the plan is known before the run (policies that decide from each step's attention have none)
-    simulated: bool = True
+    # the reduction before the decoder written plainly (tests/reference.py), given the
+    # model's shape: the reduced-prompt reference runs it on the unmodified model
+    reference_reduction: Callable | None = None
+    # what the plan simulation says when it cannot know the plan before the run (a regex), or None
+    unsimulated: str | None = None
 
 
+RENUMBER = {"positions": "renumber"}
+
+# Every method that drops inside the decoder has a case with positions=renumber (SPEC
+# section 3 rule 3), pdrop's default.
 CASES: dict[str, list[Case]] = {
     "original": [Case(lambda arch: {}, lambda arch: {}, drops_in_decoder=False)],
-    "fastv": [Case(lambda arch: {"K": 2, "R": 0.5}, lambda arch: {"K": 2, "R": 0.0})],
-    "vtw": [Case(lambda arch: {"K": 2}, None)],  # withdraws every image token: no setting keeps them
-    "knorm": [Case(lambda arch: {"K": 1, "R": 0.75}, lambda arch: {"K": 1, "R": 0.0})],
+    "fastv": [
+        Case(lambda arch: {"K": 2, "R": 0.5}, lambda arch: {"K": 2, "R": 0.0}),
+        Case(lambda arch: {"K": 2, "R": 0.5, **RENUMBER}, lambda arch: {"K": 2, "R": 0.0, **RENUMBER}),
+    ],
+    "vtw": [  # withdraws every image token: no setting keeps them
+        Case(lambda arch: {"K": 2}, None),
+        Case(lambda arch: {"K": 2, **RENUMBER}, None),
+    ],
+    "knorm": [
+        Case(lambda arch: {"K": 1, "R": 0.75}, lambda arch: {"K": 1, "R": 0.0}),
+        Case(lambda arch: {"K": 1, "R": 0.75, **RENUMBER}, lambda arch: {"K": 1, "R": 0.0, **RENUMBER}),
+    ],
     "dyrate": [
         Case(lambda arch: {"predictor": staircase_predictor(arch)}, lambda arch: {"predictor": _zero_rate_predictor(arch)},
-             simulated=False),
+             unsimulated=DECIDES_FROM_INPUT),
         Case(lambda arch: {"predictor": staircase_predictor(arch), "mode": "mask"},
-             lambda arch: {"predictor": _zero_rate_predictor(arch), "mode": "mask"}, simulated=False),
+             lambda arch: {"predictor": _zero_rate_predictor(arch), "mode": "mask"}, unsimulated=DECIDES_FROM_INPUT),
+        # drops at the prefill, renumbered, and again at decode steps
+        Case(lambda arch: {"predictor": _staircase_from_the_prefill(arch), **RENUMBER},
+             lambda arch: {"predictor": _zero_rate_predictor(arch), **RENUMBER}, unsimulated=DECIDES_FROM_INPUT),
     ],
     "fixed_prune": [
         Case(lambda arch: {"K": 2, "R": 0.5}, lambda arch: {"K": 2, "R": 0.0}),
         Case(lambda arch: {"K": 1, "R": 0.75, "mode": "mask"}, lambda arch: {"K": 1, "R": 0.0, "mode": "mask"}),
+        Case(lambda arch: {"K": 1, "R": 0.75, **RENUMBER}, lambda arch: {"K": 1, "R": 0.0, **RENUMBER}),
     ],
-    "depth_prune": [Case(lambda arch: {"K": 1, "R": 0.5}, lambda arch: {"K": 1, "R": 0.0})],
-    "schedule": [Case(lambda arch: {"schedule": "64/48/16/16"}, lambda arch: {"schedule": "64/64/64/64"})],
+    "depth_prune": [
+        Case(lambda arch: {"K": 1, "R": 0.5}, lambda arch: {"K": 1, "R": 0.0}),
+        Case(lambda arch: {"K": 1, "R": 0.5, **RENUMBER}, lambda arch: {"K": 1, "R": 0.0, **RENUMBER}),
+    ],
+    "schedule": [
+        Case(lambda arch: {"schedule": "64/48/16/16"}, lambda arch: {"schedule": "64/64/64/64"}),
+        Case(lambda arch: {"schedule": "64/48/16/16", **RENUMBER}, lambda arch: {"schedule": "64/64/64/64", **RENUMBER}),
+    ],
+    "pdrop": [
+        # stages at layers 1/2/3 of 4, lambda 0.5, renumbered: 32, 16 and 8 of 64 kept
+        Case(lambda arch: {}, lambda arch: {"lambda": 1.0}),
+        Case(lambda arch: {"layers": "1/3", "lambda": 0.25, "positions": "original"},
+             lambda arch: {"layers": "1/3", "lambda": 1.0, "positions": "original"}),
+    ],
+    "dart": [
+        Case(lambda arch: {"K": 1, "R": 0.75, "pivots": 3}, lambda arch: {"K": 1, "R": 0.0, "pivots": 3}),
+        Case(lambda arch: {"similarity": "hidden", **RENUMBER}, lambda arch: {"R": 0.0, "similarity": "hidden", **RENUMBER}),
+    ],
+    "sparsevlm": [
+        Case(lambda arch: {}, None, unsimulated="a scoring row per instruction token"),
+        Case(lambda arch: {"tokens": 64, "layers": "1/2/3", "positions": "original"}, None,
+             unsimulated="a scoring row per instruction token"),
+    ],
+    "visionzip": [
+        Case(lambda arch: {}, lambda arch: {"tokens": arch.n_img, "contextual": 0}, drops_in_decoder=False,
+             reference_reduction=lambda arch: visionzip_reference(round(arch.n_img / 3), round(round(arch.n_img / 3) * 10 / 64))),
+        Case(lambda arch: {"tokens": 10, "contextual": 6}, None, drops_in_decoder=False,
+             reference_reduction=lambda arch: visionzip_reference(10, 6)),
+    ],
+    # on the tiny model's near-uniform attention no patch is an outlier: PruMerge alone keeps none
+    "prumerge": [
+        Case(lambda arch: {"plus": True}, None, drops_in_decoder=False, unsimulated=DECIDES_FROM_INPUT,
+             reference_reduction=lambda arch: prumerge_reference(True, round(32 * arch.n_img / 576))),
+        Case(lambda arch: {"plus": True, "neighbours": 0}, None, drops_in_decoder=False, unsimulated=DECIDES_FROM_INPUT,
+             reference_reduction=lambda arch: prumerge_reference(True, 0)),
+        Case(lambda arch: {}, None, drops_in_decoder=False, unsimulated=DECIDES_FROM_INPUT,
+             reference_reduction=lambda arch: prumerge_reference(False, round(32 * arch.n_img / 576))),
+    ],
 }
 
 

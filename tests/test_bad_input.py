@@ -22,6 +22,19 @@ from .conftest import load_model, make_image
         ("vtw", {"R": 0.5}, "method 'vtw' does not take setting 'R'; it takes: K"),
         ("fastv", {"selection": "top"}, "selection='top' is not allowed for method 'fastv': selection must be attention or random"),
         ("original", {"K": 2}, "method 'original' does not take setting 'K'; it takes: no settings"),
+        ("fastv", {"positions": "contiguous"},
+         "positions='contiguous' is not allowed for method 'fastv': positions must be original or renumber"),
+        ("pdrop", {"layers": "2/1"}, "layers='2/1' is not allowed for method 'pdrop': layers must be layer indices in 1..3, "
+                                     "increasing, separated by '/' (e.g. 8/16/24) (this model has 4 decoder layers)"),
+        ("pdrop", {"layers": "1/4"}, "layers='1/4' is not allowed for method 'pdrop': layers must be layer indices in 1..3"),
+        ("pdrop", {"lambda": 0}, "lambda=0 is not allowed for method 'pdrop': lambda must be a number in (0, 1]"),
+        ("pdrop", {"lambda": 1.5}, "lambda=1.5 is not allowed for method 'pdrop': lambda must be a number in (0, 1]"),
+        ("dart", {"pivots": 65},
+         "pivots=65 is not allowed for method 'dart': pivots must be an integer in 1..64, the model's image tokens"),
+        ("dart", {"pivots": 0}, "pivots=0 is not allowed for method 'dart': pivots must be an integer in 1..64"),
+        ("dart", {"R": 0.9, "pivots": 8}, "pivots=8 is not allowed for method 'dart' with R=0.9: the pivots are among "
+                                          "the kept image tokens, and R=0.9 keeps 6 of the model's 64"),
+        ("dart", {"similarity": "values"}, "similarity='values' is not allowed for method 'dart': similarity must be keys or hidden"),
     ],
 )
 def test_bad_settings_fail_with_a_clear_message(tiny_dir, method, settings, message):

@@ -250,7 +250,7 @@ def test_an_inconsistent_predictor_folder_is_refused_naming_what_is_wrong(tiny_d
 
 def test_dyrate_has_no_simulated_plan(tiny_dir, staircase_dir):
     arch = load_arch(tiny_dir)
-    with pytest.raises(PruningConfigError, match="decides from the attention at every step"):
+    with pytest.raises(PruningConfigError, match="decides how many tokens to keep from what each input.s attention shows"):
         simulate_plan(make_policy("dyrate", arch, predictor=staircase_dir), arch, 20, 4)
 
 

@@ -90,7 +90,7 @@ def test_each_sample_log_carries_its_measurements(single_run, tiny_dir):
     ratios = []
     for sample in by_doc.values():
         measured = sample["token_counts"][0]["dyrate"]
-        assert measured["policy"] == {"method": "fastv", "K": 2, "R": 0.5, "selection": "attention"}
+        assert measured["policy"] == {"method": "fastv", "K": 2, "R": 0.5, "selection": "attention", "positions": "original"}
         steps = measured["new_tokens"]
         assert sample["token_counts"][0]["output_tokens"] == steps == len(measured["kept_image_by_step"])
         # 4 layers, 64 image tokens, half dropped before layer 2

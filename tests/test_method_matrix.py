@@ -15,7 +15,7 @@ from dyrate_eval.methods import METHODS, make_policy
 
 from .conftest import load_model
 from .method_matrix import CASES, matrix, same, same_plan
-from .reference import PolicyMaskedReference, greedy, image_positions
+from .reference import PolicyMaskedReference, greedy, image_positions, reduced_prompt_generation
 from .test_flops import counted_by_torch
 
 NEW = 5
@@ -92,8 +92,8 @@ def test_simulated_plan_is_the_executed_plan(tiny_dir, make_inputs, method, case
         model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
     policy = make_policy(method, arch, **case.pruning(arch))
     text_tokens = inputs["input_ids"].shape[1] - arch.n_img
-    if not case.simulated:
-        with pytest.raises(PruningConfigError, match="decides from the attention at every step"):
+    if case.unsimulated:
+        with pytest.raises(PruningConfigError, match=case.unsimulated):
             simulate_plan(policy, arch, text_tokens, NEW)
         return
     assert simulate_plan(policy, arch, text_tokens, NEW).for_row(0) == executed_plan(model).for_row(0)
@@ -115,12 +115,27 @@ def test_masked_reference_gives_the_same_generation(tiny_dir, make_inputs, metho
     eager = load_model(tiny_dir, attn="eager")
     reference = PolicyMaskedReference(eager, make_policy(method, arch, **case.pruning(arch)),
                                       image_positions(inputs["input_ids"], eager.config.image_token_id),
-                                      inputs["input_ids"].shape[1])
+                                      inputs["input_ids"].shape[1], inputs["attention_mask"])
     reference_tokens, reference_logits, _ = greedy(eager, inputs, NEW, output_attentions=True)
     reference.remove()
     model = pruned_model(tiny_dir, method, case.pruning(arch))
     tokens, logits, _ = greedy(model, inputs, NEW)
     kept = executed_plan(model).kept_image_tokens()
     assert kept[:, :, -1].lt(arch.n_img).any(), "the case should drop image tokens"
+    assert torch.equal(tokens, reference_tokens)
+    same(logits, reference_logits)
+
+
+@pytest.mark.parametrize("method,case", matrix(lambda case: case.reference_reduction is not None))
+def test_reduced_prompt_reference_gives_the_same_generation(tiny_dir, make_inputs, method, case):
+    """A reduction before the decoder equals the unmodified model fed, as inputs_embeds,
+    the shorter prompt with the merged features the reference computes itself."""
+    arch = load_arch(tiny_dir)
+    inputs = make_inputs((0, 1))
+    reference_tokens, reference_logits = reduced_prompt_generation(load_model(tiny_dir, attn="eager"), inputs,
+                                                                   case.reference_reduction(arch), NEW)
+    model = pruned_model(tiny_dir, method, case.pruning(arch))
+    tokens, logits, _ = greedy(model, inputs, NEW)
+    assert executed_plan(model).kept_image_tokens()[:, 0, 0].lt(arch.n_img).all(), "the case should drop image tokens"
     assert torch.equal(tokens, reference_tokens)
     same(logits, reference_logits)

@@ -4,7 +4,6 @@ figures, on real lmms-eval runs of a tiny model."""
 import json
 import re
 import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -62,7 +62,8 @@ def test_schedule_file_with_search_metadata_runs_and_describes_itself(tiny_dir, 
     reference_tokens, _, _ = greedy(model, make_inputs((0,)), NEW)
     policy = pruning_method(apply_pruning(model, method="schedule", schedule=str(path)))
     assert torch.equal(greedy(model, make_inputs((0,)), NEW)[0], reference_tokens)
-    assert policy.describe() == {"method": "schedule", "schedule": [64, 64, 32, 32], "searched_by": "gsearch", "label": "criterion=kl"}
+    assert policy.describe() == {"method": "schedule", "schedule": [64, 64, 32, 32], "positions": "original", "searched_by": "gsearch",
+                                 "label": "criterion=kl"}
 
 
 class ScheduleReference:
@@ -161,7 +162,7 @@ def test_inline_schedule_survives_lmms_eval_model_args(tiny_dir):
     from model_wrappers.llava_pruned import DyRateLlava
 
     model = DyRateLlava.create_from_arg_string(f"pretrained={tiny_dir},method=schedule,schedule=64/64/32/32")
-    assert model.policy_settings == {"method": "schedule", "schedule": [64, 64, 32, 32]}
+    assert model.policy_settings == {"method": "schedule", "schedule": [64, 64, 32, 32], "positions": "original"}
 
 
 # -- the searches' pieces ---------------------------------------------------------------------
@@ -323,7 +324,8 @@ def test_searched_schedule_evaluates_through_lmms_eval_and_reports_as_its_search
     written = json.loads(gsearch_run.read_text())
     samples = next(Path(tmp_path).glob("**/*_samples_dyrate_smoke.jsonl")).read_text().splitlines()
     policy = json.loads(samples[0])["token_counts"][0]["dyrate"]["policy"]
-    assert policy == {"method": "schedule", "schedule": written["schedule"], "searched_by": "gsearch", "label": written["label"]}
+    assert policy == {"method": "schedule", "schedule": written["schedule"], "positions": "original", "searched_by": "gsearch",
+                      "label": written["label"]}
     scores, measured, _ = load_runs([tmp_path])
     assert set(scores["method"]) == {"gsearch"} and set(scores["settings"]) == {written["label"]}
     assert set(measured["method"]) == {"gsearch"} and len(measured) == 8

@@ -110,8 +110,9 @@ class HFDecoder:
     model: its layers run one at a time, masks, rotary tables, KV cache access, the
     projections that score attention rows, and the prompt's embeddings."""
 
-    def __init__(self, model):
+    def __init__(self, model, vision: VisionCapture | None = None):
         self.model = model
+        self.vision = vision  # the tower's feature layer, for a policy with a stage before the decoder
         self.inner, self.language_model = _language_model(model)
         self.layers = self.language_model.layers
         self.num_layers = len(self.layers)
@@ -203,6 +204,54 @@ class HFDecoder:
 
     def logits(self, hidden):
         return self.model.lm_head(self.language_model.norm(hidden))
+
+
+class VisionCapture:
+    """Watches the vision tower's feature layer (the layer whose output the projector
+    reads) while a policy with a stage before the decoder is installed: its query and
+    key projections of every token, kept from the tower's own forward, so that the class
+    token's attention needs no eager attention and no second pass."""
+
+    def __init__(self, model):
+        config = model.config
+        if config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
+            raise PruningConfigError(
+                "a stage before the decoder needs LLaVA-1.5's vision features (one feature layer, class token "
+                f"dropped: vision_feature_select_strategy 'default'); this model has {config.vision_feature_layer!r}, "
+                f"{config.vision_feature_select_strategy!r}"
+            )
+        layers = model.model.vision_tower.encoder.layers
+        hidden_index = config.vision_feature_layer % (len(layers) + 1)  # an index into the tower's hidden states
+        if hidden_index == 0:
+            raise PruningConfigError("the vision feature layer is the embeddings: no attention to select tokens by")
+        attention = layers[hidden_index - 1].self_attn  # hidden state h is the output of layer h - 1
+        self.heads, self.head_dim, self.scale = attention.num_heads, attention.head_dim, attention.scale
+        self.grid = config.vision_config.image_size // config.vision_config.patch_size
+        self.queries: torch.Tensor | None = None  # (images, 1 + patches, heads x head_dim)
+        self.keys: torch.Tensor | None = None
+        self._handles = [
+            attention.q_proj.register_forward_hook(lambda module, args, output: setattr(self, "queries", output)),
+            attention.k_proj.register_forward_hook(lambda module, args, output: setattr(self, "keys", output)),
+        ]
+
+    def taken(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last image batch's (queries, keys), each (images, 1 + patches, heads, head_dim); forgotten here."""
+        if self.queries is None or self.keys is None:
+            raise PruningConfigError("the vision tower did not run before the prefill: pass pixel_values with the prompt")
+        shape = (*self.keys.shape[:2], self.heads, self.head_dim)
+        queries, keys = self.queries.view(shape), self.keys.view(shape)
+        self.queries = self.keys = None
+        return queries, keys
+
+    def class_attention(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """(images, patches) the class token's attention on each patch, averaged over heads,
+        from ``taken()``'s tensors: its scores over every token (2 x hidden x tokens FLOPs per image)."""
+        scores = torch.einsum("ihd,ithd->iht", queries[:, 0].float(), keys.float()) * self.scale
+        return scores.softmax(-1).mean(1)[:, 1:]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 class _PrunedDecoderMixin:
@@ -339,6 +388,11 @@ def install(model, policy: PruningPolicy, scoring: str = "row"):
         raise PruningConfigError(f"scoring={scoring!r} is not allowed: use one of {', '.join(SCORINGS)}")
     inner, language_model = _language_model(model)
     token_id = image_token_id(model.config)
+    # the tower's feature layer is watched only for a policy with a stage before the decoder
+    installed_vision = getattr(language_model, "_dyrate_vision", None)
+    vision = None
+    if policy.reduces_before_decoder:
+        vision = installed_vision or VisionCapture(model)
     if not isinstance(language_model, _PrunedDecoderMixin):
         base = type(language_model)
         language_model._dyrate_own_attention = language_model.config._attn_implementation
@@ -368,7 +422,11 @@ def install(model, policy: PruningPolicy, scoring: str = "row"):
 
         model.generate = generate_checked
         language_model._dyrate_hook = inner.register_forward_pre_hook(capture_prompt, with_kwargs=True)
-    language_model._dyrate_executor = Executor(HFDecoder(model), policy, scoring, language_model._dyrate_arch, token_id)
+    if vision is not installed_vision and installed_vision is not None:
+        installed_vision.remove()
+    language_model._dyrate_vision = vision
+    language_model._dyrate_executor = Executor(HFDecoder(model, vision), policy, scoring, language_model._dyrate_arch,
+                                               token_id)
     wanted = "eager" if scoring == "eager-weights" else language_model._dyrate_own_attention
     if language_model.config._attn_implementation != wanted:
         language_model.set_attn_implementation(wanted)
@@ -383,9 +441,11 @@ def uninstall(model):
         del model.generate  # the instance wrapper; the class method shows again
         if language_model.config._attn_implementation != language_model._dyrate_own_attention:
             language_model.set_attn_implementation(language_model._dyrate_own_attention)
+        if language_model._dyrate_vision is not None:
+            language_model._dyrate_vision.remove()
         language_model.__class__ = _own_class(language_model)
         for name in ("_dyrate_executor", "_dyrate_prompt_ids", "_dyrate_hook", "last_plan", "_dyrate_own_attention",
-                     "_dyrate_arch"):
+                     "_dyrate_arch", "_dyrate_vision"):
             delattr(language_model, name)
     return model
 

@@ -10,7 +10,7 @@ knows the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -39,6 +39,9 @@ class KeyLayout:
     # whether some row may hold filler (rows that kept different counts); without it
     # and without hidden entries every entry is attended, known without a look at ``valid``
     filler: bool = False
+    # (B,) with positions=renumber, once a prefill drop renumbered the entries: the
+    # position id the next appended token takes. None: tokens keep the timeline's own ids
+    next_position: torch.Tensor | None = None
 
     @classmethod
     def of_prompt(cls, is_image: torch.Tensor, img_pos: torch.Tensor, img_present: torch.Tensor) -> "KeyLayout":
@@ -65,19 +68,21 @@ class KeyLayout:
             self.entry_group,
             None if self.hidden is None else torch.cat([self.hidden, no], dim=1),
             self.filler,
+            None if self.next_position is None else self.next_position + new.shape[1],
         )
 
     def select_rows(self, rows: torch.Tensor) -> "KeyLayout":
         hidden = None if self.hidden is None else self.hidden[rows]
+        next_position = None if self.next_position is None else self.next_position[rows]
         return KeyLayout(self.index[rows], self.valid[rows], self.img_kept[rows], self.entry_slot[rows],
-                         self.entry_group[rows], hidden, self.filler)
+                         self.entry_group[rows], hidden, self.filler, next_position)
 
     def hiding(self, img_kept: torch.Tensor) -> "KeyLayout":
         """The layout with the image entries not in ``img_kept`` hidden (still cached)."""
         slot = self.entry_slot
         hidden = (slot >= 0) & ~img_kept.gather(1, slot.clamp(min=0))
         hidden = torch.cat([hidden, hidden.new_zeros(hidden.shape[0], self.generated)], dim=1)
-        return KeyLayout(self.index, self.valid, img_kept, slot, self.entry_group, hidden, self.filler)
+        return replace(self, img_kept=img_kept, hidden=hidden)
 
     def without(self, img_kept: torch.Tensor) -> tuple["KeyLayout", torch.Tensor]:
         """The layout without the image slots that are not in ``img_kept``, and the
@@ -88,9 +93,22 @@ class KeyLayout:
         local, valid = compact(torch.cat([keep_prompt, self.valid[:, prompt:]], dim=1))
         # generated entries are never dropped: they stay the last ones
         prompt_local = local[:, : local.shape[1] - self.generated]
+        # the numbering carries over (positions=renumber): a prefill drop is renumbered
+        # afterwards by the executor, while a drop at a decode step closes no gap, as the
+        # keys cached after the dropped ones keep the rotation they were cached with
         kept = KeyLayout(self.index.gather(1, local), valid, img_kept, slot.gather(1, prompt_local),
-                         self.entry_group.gather(1, prompt_local), filler=not bool(valid.all()))
+                         self.entry_group.gather(1, prompt_local), filler=not bool(valid.all()),
+                         next_position=self.next_position)
         return kept, local
+
+    def renumbered(self, timeline_mask: torch.Tensor | None) -> tuple["KeyLayout", torch.Tensor]:
+        """Contiguous position ids for the entries of a prompt layout (positions=renumber):
+        each real entry (neither filler nor masked by ``timeline_mask``, (B, timeline)) takes
+        its rank among the real entries of its row, as an unpruned row's prompt is numbered.
+        Returns the layout, which records the id its next token takes, and the ids (B, L)."""
+        real = self.valid if timeline_mask is None else self.valid & timeline_mask.gather(1, self.index)
+        ids = (real.long().cumsum(1) - 1).clamp(min=0)  # filler and padding take a neighbour's id: they are never attended
+        return replace(self, next_position=real.sum(1)), ids
 
     @property
     def generated(self) -> int:

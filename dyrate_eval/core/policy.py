@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..arch import Arch
+from ..errors import PruningConfigError
 from .settings import Setting
 
 
@@ -65,9 +66,67 @@ class RankingSignals(ABC):
         the prefill only (a decode step holds the image tokens as cached keys alone)."""
 
     @abstractmethod
+    def instruction_attention(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """((B, T, N), (B, T)): the attention of each instruction token (the prompt's
+        tokens after the image) at layer ``layer - 1`` on each image slot, averaged over
+        heads, and which of the T rows are real (rows hold different counts); at the
+        prefill only. Costs a scoring row per instruction token."""
+
+    @abstractmethod
     def add_flops(self, flops: int | torch.Tensor) -> None:
         """Count the matrix products a policy computes on these signals (per sample,
         as a batch-1 run; FLOPs count matrix products only)."""
+
+
+class VisionSignals(ABC):
+    """What a policy may select and merge the image tokens by before decoder layer 0,
+    from the vision tower's feature layer (the layer whose output the projector reads)
+    and the projector's output. Computed only when asked for; costs go into the plan as
+    for ``RankingSignals``."""
+
+    def __init__(self, image_tokens: int, grid: int):
+        self.image_tokens = image_tokens  # N, the projector's features per image
+        self.grid = grid  # the patches per side: slot i is patch (i // grid, i % grid)
+
+    @abstractmethod
+    def cls_attention(self) -> torch.Tensor:
+        """(B, N) the class token's attention on each patch at the feature layer,
+        averaged over heads (the softmax runs over the class token and every patch).
+        Costs the class token's scores over those keys."""
+
+    @abstractmethod
+    def keys(self) -> torch.Tensor:
+        """(B, N, head_dim) the patches' keys at the feature layer, averaged over heads."""
+
+    @abstractmethod
+    def features(self) -> torch.Tensor:
+        """(B, N, hidden) the projector's image features, what the decoder would see."""
+
+    @abstractmethod
+    def add_flops(self, flops: int | torch.Tensor) -> None:
+        """Count the matrix products a policy computes on these signals."""
+
+
+@dataclass
+class Ranking:
+    """What ``score`` may return instead of bare scores: the scores, and at the prefill
+    the merge weights (B, N, N) of the image slots' hidden states entering the layer
+    (row i: the coefficient of each slot's state in kept slot i's; see ``core.merging``)."""
+
+    scores: torch.Tensor
+    merge_weights: torch.Tensor | None = None
+
+
+@dataclass
+class ImageReduction:
+    """What enters the decoder in place of an image's N projector features: the slots
+    ``kept`` (B, N), each carrying the combination of features ``merge_weights`` (B, N,
+    N) gives it (row i: the coefficient of each slot's feature in slot i's; see
+    ``core.merging``); None keeps the features as they are. Dropped slots leave the
+    sequence before layer 0."""
+
+    kept: torch.Tensor
+    merge_weights: torch.Tensor | None = None
 
 
 class PruningPolicy:
@@ -85,12 +144,24 @@ class PruningPolicy:
     # Whether every prompt must hold an image: a method that selects image tokens has
     # nothing to select from in a text-only prompt
     needs_image: ClassVar[bool] = True
+    # Whether ``reduce_before_decoder`` acts: the vision tower's feature layer is then
+    # watched while it runs, for the ``VisionSignals``
+    reduces_before_decoder: ClassVar[bool] = False
+    # The position ids of the tokens after a drop (settings.POSITIONS_SETTING, which the
+    # methods that drop take): "original" keeps the prompt's, "renumber" numbers them
+    # contiguously in the layers that no longer see the dropped ones (docs/methods.md)
+    positions: str = "original"
 
     def __init__(self, arch: Arch, values: dict[str, Any]):
         self.arch = arch
         self.num_layers = arch.layers
         for setting in self.settings:
             setattr(self, setting.name, values[setting.name])
+        if self.positions == "renumber" and not self.progressive:
+            raise PruningConfigError(
+                f"positions='renumber' is not allowed for method {self.name!r} with mode='mask': the image tokens it "
+                "hides stay cached with the positions they were cached at; renumbering needs mode='progressive'"
+            )
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, **{s.name: getattr(self, s.name) for s in self.settings}}
@@ -104,7 +175,15 @@ class PruningPolicy:
         ``StepView.group_attention`` (the executor computes it only then)."""
         return False
 
-    def score(self, signals: RankingSignals) -> torch.Tensor:
+    def reduce_before_decoder(self, signals: VisionSignals) -> ImageReduction | None:
+        """Which image tokens enter the decoder, and what they carry (merging), before
+        layer 0 of the prefill; None (the default) leaves the projector's features as
+        they are. Positions are then contiguous: the decoder sees a shorter prompt, as
+        when the vision side hands over fewer tokens."""
+        return None
+
+    def score(self, signals: RankingSignals) -> torch.Tensor | Ranking:
         """(B, N) scores of the image slots; the top ``keep`` of the candidates are kept
-        (ties go to the lower slot). By default the step's attention."""
+        (ties go to the lower slot). By default the step's attention. A ``Ranking`` also
+        says what the kept slots absorb of the others (at the prefill)."""
         return signals.attention()

@@ -1,5 +1,5 @@
 """Method settings: how each is parsed and checked against the model's shape, and the
-settings several methods share (K, R, selection, mode)."""
+settings several methods share (K, R, selection, mode, positions)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ class Setting:
     default: Callable[[Arch], Any]  # model shape -> default value
 
 
-def _parse_layer(value: Any, arch: Arch) -> int:
+def parse_layer(value: Any, arch: Arch) -> int:
+    """A decoder layer that may drop before it: 1..layers-1 (layer 0 sees every token)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError
     number = float(value)
@@ -39,10 +40,14 @@ def _parse_rate(value: Any, arch: Arch) -> float:
 
 
 def layer_setting(default: Callable[[Arch], int]) -> Setting:
-    return Setting("K", "an integer in 1..num_layers-1", _parse_layer, default)
+    return Setting("K", "an integer in 1..num_layers-1", parse_layer, default)
 
 
-RATE_SETTING = Setting("R", "a number in [0, 1]", _parse_rate, lambda arch: 0.5)
+def rate_setting(default: float) -> Setting:
+    return Setting("R", "a number in [0, 1]", _parse_rate, lambda arch: default)
+
+
+RATE_SETTING = rate_setting(0.5)
 
 
 def choice_setting(name: str, choices: tuple[str, ...], default: str) -> Setting:
@@ -63,3 +68,15 @@ SELECTION_SETTING = choice_setting("selection", SELECTIONS, "attention")
 
 MODES = ("progressive", "mask")
 MODE_SETTING = choice_setting("mode", MODES, "progressive")
+
+POSITIONS = ("original", "renumber")
+
+
+def positions_setting(default: str) -> Setting:
+    """The position ids of the tokens after a drop: every method that drops inside the
+    decoder takes it (``PruningPolicy.positions``)."""
+    return choice_setting("positions", POSITIONS, default)
+
+
+# Surviving tokens keep their prompt positions: FastV's and VTW's convention
+POSITIONS_SETTING = positions_setting("original")

@@ -11,7 +11,7 @@ import torch
 from ..arch import Arch
 from ..errors import PruningConfigError
 from .plan import ExecutedPlan
-from .policy import PruningPolicy, RankingSignals, StepView
+from .policy import PruningPolicy, Ranking, RankingSignals, StepView, VisionSignals
 from .selection import next_keep
 
 
@@ -36,42 +36,88 @@ class _SimulatedSignals(RankingSignals):
     def hidden(self):
         return torch.zeros(1, self._arch.n_img, self._arch.hidden)
 
+    def instruction_attention(self):
+        raise PruningConfigError(
+            "a ranking by the instruction's attention costs a scoring row per instruction token, which a simulation "
+            "without the prompt cannot count: its FLOPs come from a run"
+        )
+
     def add_flops(self, flops):
         self.flops += int(flops if isinstance(flops, int) else flops.reshape(-1)[0])
+
+
+class _SimulatedVisionSignals(VisionSignals):
+    """Zeros of the executor's shapes for the stage before the decoder, one sample; records its costs."""
+
+    def __init__(self, arch: Arch):
+        super().__init__(arch.n_img, arch.image_size // arch.patch_size)
+        self._arch = arch
+        self.flops = 0
+
+    def cls_attention(self):
+        self.add_flops(2 * self._arch.vision_hidden * (self._arch.n_img + 1))
+        return torch.zeros(1, self._arch.n_img)
+
+    def keys(self):
+        return torch.zeros(1, self._arch.n_img, self._arch.vision_head_dim)
+
+    def features(self):
+        return torch.zeros(1, self._arch.n_img, self._arch.hidden)
+
+    def add_flops(self, flops):
+        self.flops += int(flops if isinstance(flops, int) else flops.reshape(-1)[0])
+
+
+def _before_decoder(policy: PruningPolicy, arch: Arch) -> tuple[int, int]:
+    """(image tokens entering the decoder, FLOPs of the stage before it) for one sample."""
+    if not policy.reduces_before_decoder:
+        return arch.n_img, 0
+    signals = _SimulatedVisionSignals(arch)
+    reduction = policy.reduce_before_decoder(signals)
+    if reduction is None:
+        return arch.n_img, signals.flops
+    kept = int(reduction.kept.sum())
+    merging = 0 if reduction.merge_weights is None else 2 * kept * arch.n_img * arch.hidden
+    return kept, signals.flops + merging
 
 
 def simulate_plan(policy: PruningPolicy, arch: Arch, text_tokens: int, new_tokens: int) -> ExecutedPlan:
     """The plan the executor runs for one sample of ``text_tokens`` prompt tokens besides
     its image, generating ``new_tokens`` tokens (a prefill and new_tokens - 1 decode
-    forwards). Policies that decide from the attention (DyRate) have no plan before they run."""
+    forwards). Policies that decide how many from the attention (DyRate, PruMerge) have no plan
+    before they run."""
     n_img = torch.tensor([arch.n_img])
-    if any(policy.observes(layer, step) for layer in range(1, arch.layers) for step in range(min(new_tokens, 2))):
+    if any(policy.observes(layer, step) for layer in range(arch.layers) for step in range(min(new_tokens, 2))):
         raise PruningConfigError(
-            f"method {policy.name!r} decides from the attention at every step: its FLOPs come from a run "
-            "(the samples log of an lmms-eval run, or `dyrate-eval bench`), not from a simulation"
+            f"method {policy.name!r} decides how many tokens to keep from what each input's attention shows: its FLOPs "
+            "come from a run (the samples log of an lmms-eval run, or `dyrate-eval bench`), not from a simulation"
         )
     plan = ExecutedPlan(n_img=n_img)
     view = StepView(n_img=n_img)
+    entering, flops_before = _before_decoder(policy, arch)
 
     def decide(layer: int, step: int, kept_now: int, keys_scored: int) -> tuple[int | None, int, int]:
         """(the new count or None, the scoring row's keys, other FLOPs) before ``layer``."""
-        _, keep = next_keep(policy, layer, step, view, torch.tensor([kept_now]), n_img)
+        _, keep = next_keep(policy, layer, step, view, torch.tensor([kept_now]), torch.tensor([entering]))
         if keep is None:
             return None, 0, 0
         if int(keep[0]) == 0:  # nothing to rank
             return 0, 0, 0
         signals = _SimulatedSignals(arch, layer, step, keys_scored)
-        policy.score(signals)
-        return int(keep[0]), signals.scored_keys, signals.flops
+        ranking = policy.score(signals)
+        merging = 0
+        if isinstance(ranking, Ranking) and ranking.merge_weights is not None:
+            merging = 2 * int(keep[0]) * arch.n_img * arch.hidden
+        return int(keep[0]), signals.scored_keys, signals.flops + merging
 
     # prefill: a progressive drop shortens every later layer's sequence (layer 0 is never
     # pruned); a masking policy hides tokens that stay in the sequence
-    kept, scored, flops = [arch.n_img], [0] * arch.layers, 0
+    kept, scored, flops = [entering], [0] * arch.layers, flops_before
     for layer in range(1, arch.layers):
         keep, scored[layer - 1], extra = decide(layer, 0, kept[-1], text_tokens + kept[layer - 1])
         flops += extra
         kept.append(kept[-1] if keep is None else keep)
-    present = kept if policy.progressive else [arch.n_img] * arch.layers
+    present = kept if policy.progressive else [entering] * arch.layers
     keys = [text_tokens + count for count in present]
     plan.add_step(torch.tensor([kept]), torch.tensor([keys]), torch.tensor([keys]), torch.tensor([scored]),
                   decision_flops=torch.tensor([flops]))

@@ -62,14 +62,16 @@ def random_predictor(arch: Arch, K: int = 2, seed: int = 0) -> RatePredictor:
 
 def all_methods(arch: Arch) -> str:
     """Every registered method at the paper's settings, for ``--methods all``: FastV K=2
-    R=0.5 (and ranked by key norm), VTW at its default K, DyRate, the ablation baselines at K=2 R=0.5 (FixedPrune
-    re-selecting at every step) and a schedule that halves the image tokens at K=2 and
-    again (a quarter) from half the depth on."""
+    R=0.5 (and ranked by key norm), VTW at its default K, DyRate, the ablation baselines
+    at K=2 R=0.5 (FixedPrune re-selecting at every step), a schedule that halves the
+    image tokens at K=2 and again (a quarter) from half the depth on, and PyramidDrop,
+    DART, VisionZip, PruMerge+ and SparseVLM at their papers' defaults."""
     n, half = arch.n_img, arch.layers // 2
     counts = [n] * 2 + [n // 2] * max(0, half - 2) + [n // 4] * (arch.layers - max(2, half))
     return ",".join([
-        "original", "fastv:K=2:R=0.5", "knorm:K=2:R=0.5", "vtw", "dyrate", "fixed_prune:K=2:R=0.5:mode=mask", "depth_prune:K=2:R=0.5",
-        "schedule:schedule=" + "/".join(map(str, counts)),
+        "original", "fastv:K=2:R=0.5", "knorm:K=2:R=0.5", "vtw", "dyrate", "fixed_prune:K=2:R=0.5:mode=mask",
+        "depth_prune:K=2:R=0.5", "schedule:schedule=" + "/".join(map(str, counts)), "pdrop", "dart", "visionzip",
+        "prumerge:plus=true", "sparsevlm",
     ])
 
 
@@ -97,10 +99,14 @@ def with_peers(methods: list[tuple[str, PruningPolicy]]) -> list[tuple[str, Prun
     runs = []
     for label, policy in methods:
         runs.append((label, policy, "row"))
-        if isinstance(policy, FastV):
+        # FastV's peers take its attention ranking their way: a subclass ranking by
+        # another signal (knorm) has none
+        if type(policy) is FastV:
             for peer, (scoring, masked) in PEERS.items():
                 values = {setting.name: getattr(policy, setting.name) for setting in FastV.settings}
-                runs.append((f"{label} ({peer})", MaskedFastV(policy.arch, values) if masked else policy, scoring))
+                # masking keeps the hidden tokens cached with their ids: it cannot renumber, and ids change no work
+                masked_values = values | {"positions": "original"}
+                runs.append((f"{label} ({peer})", MaskedFastV(policy.arch, masked_values) if masked else policy, scoring))
     return runs
 
 

@@ -103,7 +103,7 @@ def sample_measurements(plan: ExecutedPlan, arch: Arch, lengths: list[int], num_
         rows = range(sample * num_beams, (sample + 1) * num_beams)
         parts = [plan_flops(plan, arch, row, length) for row in rows]
         first = plan.for_row(rows[0], length)
-        text_tokens = first["queries"][0][0] - first["n_img"]
+        text_tokens = first["queries"][0][0] - first["kept_image"][0][0]  # layer 0 sees the text and the image tokens it kept
         total = sum(p["total"] for p in parts)
         language_model = sum(p["language_model"] for p in parts)
         reference, reference_language_model = (num_beams * f for f in original_flops(arch, text_tokens, length))

@@ -11,17 +11,24 @@ from typing import Any
 from ..arch import Arch
 from ..core.policy import PruningPolicy
 from ..errors import PruningConfigError
+from .dart import DART
 from .depth_prune import DepthPrune
 from .dyrate import DyRate
 from .fastv import FastV
 from .fixed_prune import FixedPrune
 from .knorm import KeyNorm
 from .original import Original
+from .pdrop import PyramidDrop
+from .prumerge import PruMerge
 from .schedule import SCHEDULE_SEARCHES, Schedule
+from .sparsevlm import SparseVLM
+from .visionzip import VisionZip
 from .vtw import VTW
 
 METHODS: dict[str, type[PruningPolicy]] = {
-    policy.name: policy for policy in (Original, FastV, VTW, DyRate, FixedPrune, DepthPrune, Schedule, KeyNorm)
+    policy.name: policy
+    for policy in (Original, FastV, VTW, DyRate, FixedPrune, DepthPrune, Schedule, KeyNorm, PyramidDrop, DART, VisionZip,
+                   PruMerge, SparseVLM)
 }
 # The order methods are listed in: every registered method, then the searches whose
 # schedules run as method 'schedule' but are reported under their own names

@@ -3,7 +3,7 @@
 import torch
 
 from ..core.policy import PruningPolicy
-from ..core.settings import RATE_SETTING, layer_setting
+from ..core.settings import POSITIONS_SETTING, RATE_SETTING, layer_setting
 
 
 class DepthPrune(PruningPolicy):
@@ -14,7 +14,7 @@ class DepthPrune(PruningPolicy):
     2R (L-K) <= L-K+1; above that the deepest layers drop all)."""
 
     name = "depth_prune"
-    settings = (layer_setting(lambda arch: 2), RATE_SETTING)
+    settings = (layer_setting(lambda arch: 2), RATE_SETTING, POSITIONS_SETTING)
 
     def layer_rate(self, layer: int) -> float:
         return min(1.0, 2 * self.R * (layer - self.K + 1) / (self.num_layers - self.K + 1))

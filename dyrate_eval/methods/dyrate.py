@@ -10,7 +10,7 @@ import torch
 
 from ..arch import Arch
 from ..core.policy import PruningPolicy
-from ..core.settings import MODE_SETTING, Setting
+from ..core.settings import MODE_SETTING, POSITIONS_SETTING, Setting
 from ..dyrate.predictor import RatePredictor
 from ..embedded import EMBEDDED_MODEL_DIR, EMBEDDED_PREDICTOR
 from ..errors import PruningConfigError
@@ -46,7 +46,7 @@ class DyRate(PruningPolicy):
     all of them."""
 
     name = "dyrate"
-    settings = (PREDICTOR_SETTING, MODE_SETTING)
+    settings = (PREDICTOR_SETTING, MODE_SETTING, POSITIONS_SETTING)
 
     def __init__(self, arch, values):
         super().__init__(arch, values)
@@ -64,7 +64,7 @@ class DyRate(PruningPolicy):
 
     def describe(self):
         return {"method": self.name, "predictor": self.predictor.source, "mode": self.mode, "K": self.K,
-                "rates": list(self.predictor.rates)}
+                "rates": list(self.predictor.rates), "positions": self.positions}
 
     def observes(self, layer, step):
         return layer == self.K

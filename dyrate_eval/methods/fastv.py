@@ -4,7 +4,7 @@ the last prompt token's attention."""
 import torch
 
 from ..core.policy import PruningPolicy
-from ..core.settings import RATE_SETTING, SELECTION_SETTING, layer_setting
+from ..core.settings import POSITIONS_SETTING, RATE_SETTING, SELECTION_SETTING, layer_setting
 
 
 class FastV(PruningPolicy):
@@ -13,7 +13,7 @@ class FastV(PruningPolicy):
     of the same size instead (a control for the attention ranking)."""
 
     name = "fastv"
-    settings = (layer_setting(lambda arch: 2), RATE_SETTING, SELECTION_SETTING)
+    settings = (layer_setting(lambda arch: 2), RATE_SETTING, SELECTION_SETTING, POSITIONS_SETTING)
 
     def __init__(self, arch, values):
         super().__init__(arch, values)

@@ -3,7 +3,7 @@
 import torch
 
 from ..core.policy import PruningPolicy
-from ..core.settings import MODE_SETTING, RATE_SETTING, layer_setting
+from ..core.settings import MODE_SETTING, POSITIONS_SETTING, RATE_SETTING, layer_setting
 
 
 class FixedPrune(PruningPolicy):
@@ -12,7 +12,7 @@ class FixedPrune(PruningPolicy):
     mode=mask every step keeps the top share by its own attention."""
 
     name = "fixed_prune"
-    settings = (layer_setting(lambda arch: 2), RATE_SETTING, MODE_SETTING)
+    settings = (layer_setting(lambda arch: 2), RATE_SETTING, MODE_SETTING, POSITIONS_SETTING)
 
     @property
     def progressive(self) -> bool:

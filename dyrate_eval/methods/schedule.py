@@ -13,7 +13,7 @@ import torch
 
 from ..arch import Arch
 from ..core.policy import PruningPolicy
-from ..core.settings import Setting
+from ..core.settings import POSITIONS_SETTING, Setting
 from ..errors import PruningConfigError
 
 SCHEDULE_ALLOWED = (
@@ -124,10 +124,10 @@ class Schedule(PruningPolicy):
     sample (LLaVA-1.5's fixed count)."""
 
     name = "schedule"
-    settings = (Setting("schedule", SCHEDULE_ALLOWED, _parse_schedule, _schedule_required),)
+    settings = (Setting("schedule", SCHEDULE_ALLOWED, _parse_schedule, _schedule_required), POSITIONS_SETTING)
 
     def describe(self):
-        described = {"method": self.name, "schedule": list(self.schedule.counts)}
+        described = {"method": self.name, "schedule": list(self.schedule.counts), "positions": self.positions}
         if self.schedule.searched_by:
             described |= {"searched_by": self.schedule.searched_by, "label": self.schedule.label}
         return described

@@ -3,7 +3,7 @@
 import torch
 
 from ..core.policy import PruningPolicy
-from ..core.settings import layer_setting
+from ..core.settings import POSITIONS_SETTING, layer_setting
 
 
 class VTW(PruningPolicy):
@@ -14,7 +14,7 @@ class VTW(PruningPolicy):
     """
 
     name = "vtw"
-    settings = (layer_setting(lambda arch: arch.layers // 2),)
+    settings = (layer_setting(lambda arch: arch.layers // 2), POSITIONS_SETTING)
 
     def keep_before_layer(self, layer, step, view):
         if step == 0 and layer == self.K:

@@ -268,6 +268,9 @@ def write_report(paths: list[str | Path], out_dir: str | Path, source: str = MEA
         "table1_benchmarks": "Greedy decoding. TFLOPs %: the language model's FLOPs against the unpruned model on the same "
         "prompts and answer lengths, from each sample's executed plan. MMB: lmms-eval's GPT-judged score (mmbench_en_dev), "
         "or its rule-based score (mmbench_en_dev_static) for runs made without an OpenAI key: the run files say which. "
+        "MME: the paper's one MME column mixes LLaVA's perception score (1510.7) with what look like perception + "
+        "cognition totals for SparseVLM (1721) and VisionZip (1834); those two stand under MME total, apart from the "
+        "perception scores. Rows of method 'other VLM' are other models as the paper lists them. "
         f"{latency}",
         "table2_captioning": f"Greedy decoding; TFLOPs % and latency from the caption tasks. {latency}",
         "table3_decoding": f"Method settings run with more than one decoding strategy. {latency}",

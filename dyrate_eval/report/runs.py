@@ -160,6 +160,8 @@ def _sample_policy(sample: dict) -> dict | None:
 
 
 def _same_setting(recorded, given: str) -> bool:
+    if isinstance(recorded, bool):  # lmms-eval passes True for "true" and "True" alike
+        return given.lower() == str(recorded).lower()
     try:
         return float(recorded) == float(given)
     except (TypeError, ValueError):
