@@ -4,6 +4,7 @@ figures, on real lmms-eval runs of a tiny model."""
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
