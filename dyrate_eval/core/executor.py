@@ -14,6 +14,11 @@ with the policy's ``positions=renumber`` (PyramidDrop's convention) a prefill dr
 renumbers the tokens of the layers from the drop on contiguously, and each later token of
 such a layer takes the id after that layer's last one (rotary tables per key layout).
 
+A policy may also act before layer 0 (VisionZip, PruMerge): from the vision tower's
+feature layer it chooses the image tokens that enter the decoder and what they merge,
+and the positions after the dropped ones close up. At a prefill drop a policy may merge
+the dropped tokens' states into kept ones (SparseVLM's recycling).
+
 The model is reached only through ``core/hf_llava.py`` (``HFDecoder``), the one module
 that knows transformers.
 
