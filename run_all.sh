@@ -10,9 +10,10 @@
 # its default K (half the depth) and at K=2; DyRate with the two predictors shipped for
 # the embedded model (trained for FLOPs shares of 0.6 and 0.7: its prefill-heavy FLOPs
 # cannot go much below 0.5 at K=2; trained first if missing); the decoding ablation
-# (DyRate 0.6 captions with beam-2, beam-5 and top-p); PyramidDrop and DART at their
-# papers' defaults, each beside FastV at K=2 with the rate that spends its FLOPs share
-# (`dyrate-eval match-rate`). Then the layer schedules (below)
+# (DyRate 0.6 captions with beam-2, beam-5 and top-p); the other reducers of the paper's
+# Table 1 and beside it (VisionZip and SparseVLM at 64/128/192 of 576 tokens, PruMerge,
+# PruMerge+, PyramidDrop and DART at their papers' defaults), each beside FastV with the
+# rate that spends its FLOPs share (`dyrate-eval match-rate`). Then the layer schedules (below)
 # with a FastV cell at P-Sigmoid's FLOPs, the rate ablation (FixedPrune and
 # DepthBasedPrune at K=2 with the rate that spends DyRate 0.6's FLOPs share on the
 # captions, `dyrate-eval match-rate`), traces of four captions with FastV and DyRate
@@ -29,8 +30,8 @@
 # ./run_all.sh --paper --model-7b ID --model-13b ID runs the paper's grid instead, on a
 # GPU machine with network access (lmms-eval's own benchmarks download their data; the
 # models are hub ids or folders): per model the original, FastV K=2 R=0.5 and K=3
-# R=0.5 (the paper's two FastV rows, about 55% and 57% of the FLOPs) and VTW (K=16 for
-# 7B, 20 for 13B) on GQA, VizWiz, SQA-IMG, TextVQA, POPE, MMBench, MME, NoCaps and
+# R=0.5 (the paper's two FastV rows, about 55% and 57% of the FLOPs), VTW (K=16 for
+# 7B, 20 for 13B) and the other reducers above on GQA, VizWiz, SQA-IMG, TextVQA, POPE, MMBench, MME, NoCaps and
 # Flickr30k; with --predictor-7b / --predictor-13b DIR (from `dyrate-eval
 # train-predictor --pretrained ID`), DyRate on the same, NoCaps with beam-2, beam-5 and
 # top-p and the rate ablation on NoCaps; without, the decoding ablation runs FastV K=2

@@ -46,6 +46,9 @@ class HandMadeKeys(RankingSignals):
     def hidden(self):
         raise AssertionError("similarity=keys reads no hidden states")
 
+    def instruction_attention(self):
+        raise AssertionError("DART reads no instruction")
+
     def add_flops(self, flops):
         self.flops += int(flops)
 

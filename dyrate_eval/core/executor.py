@@ -14,6 +14,11 @@ with the policy's ``positions=renumber`` (PyramidDrop's convention) a prefill dr
 renumbers the tokens of the layers from the drop on contiguously, and each later token of
 such a layer takes the id after that layer's last one (rotary tables per key layout).
 
+A policy may also act before layer 0 (VisionZip, PruMerge): from the vision tower's
+feature layer it chooses the image tokens that enter the decoder and what they merge,
+and the positions after the dropped ones close up. At a prefill drop a policy may merge
+the dropped tokens' states into kept ones (SparseVLM's recycling).
+
 The model is reached only through ``core/hf_llava.py`` (``HFDecoder``), the one module
 that knows transformers.
 
@@ -29,13 +34,12 @@ import torch
 from ..arch import Arch
 from ..errors import PruningConfigError
 from ..measure.flops import layer_flops
-from .layout import KeyLayout, compact, gather_rows, image_slots
+from .layout import KeyLayout, gather_rows, image_slots
 from .merging import merge_features
-from .plan import GROUPS, ExecutedPlan
-from .policy import PruningPolicy, Ranking, RankingSignals, StepView, VisionSignals
+from .plan import ExecutedPlan
+from .policy import PruningPolicy, Ranking, StepView
 from .selection import next_keep, top_slots
-
-_INSTRUCTION = GROUPS.index("instruction")
+from .signals import ExecutedSignals, ExecutedVisionSignals, Step
 
 # How the attention row that ranks and observes image tokens is obtained. "row": the
 # core's way (one query row from the observation layer's own query and cached keys,
@@ -144,120 +148,6 @@ class _NewTokenRotary:
         return self._renumbered[key]
 
 
-class _Step:
-    """Where a forward stands before decoder layer ``layer``: what scoring and ranking
-    may read (the previous layer's input and what was kept of its run, the rotary
-    tables, the step's query, the masks and the cache)."""
-
-    def __init__(self, state, layer, layer_input, projected, rotary, query_timeline, timeline_mask, cache, q_row, hidden):
-        self.state, self.layer, self.layer_input, self.projected = state, layer, layer_input, projected
-        self.rotary, self.query_timeline, self.timeline_mask, self.cache = rotary, query_timeline, timeline_mask, cache
-        self.q_row = q_row  # the step's query among this forward's rows; None at the prefill
-        self.hidden = hidden  # the hidden states entering ``layer``
-
-
-class _ExecutedSignals(RankingSignals):
-    """The ranking signals of one selection, computed from the model when asked for."""
-
-    def __init__(self, executor: "Executor", step: _Step, candidates: torch.Tensor):
-        super().__init__(step.layer, step.state.step, candidates, step.state.img_pos)
-        self._executor, self._step = executor, step
-        self._probs: torch.Tensor | None = None
-
-    @property
-    def _observed(self) -> KeyLayout:
-        return self._step.state.layouts[self.layer - 1]
-
-    def attention_probs(self) -> torch.Tensor:
-        """(B, heads, L) the step's attention row at the previous layer, computed once."""
-        if self._probs is None:
-            self._probs = self._executor.attention_row(self._step)
-        return self._probs
-
-    def attention(self):
-        layout = self._observed
-        prompt = layout.entry_slot.shape[1]
-        return layout.by_slot(self.attention_probs()[..., :prompt].mean(1), self.candidates.shape[1])
-
-    def keys(self):
-        step, layout = self._step, self._observed
-        keys = self._executor.decoder.keys_at(self.layer - 1, step.cache, step.layer_input, step.rotary)
-        prompt = layout.entry_slot.shape[1]
-        return layout.by_slot(keys[:, :, :prompt].transpose(1, 2), self.candidates.shape[1]).transpose(1, 2)
-
-    def hidden(self):
-        self._prefill_only("their hidden states")
-        return self._observed.by_slot(self._step.hidden, self.candidates.shape[1])
-
-    def instruction_attention(self):
-        self._prefill_only("the instruction's attention")
-        step, layout = self._step, self._observed
-        prompt = layout.entry_group.shape[1]
-        is_instruction = (layout.entry_group == _INSTRUCTION) & layout.valid[:, :prompt]
-        if step.timeline_mask is not None:
-            is_instruction &= step.timeline_mask.gather(1, layout.index[:, :prompt])
-        rows, valid = compact(is_instruction)  # (B, T) the instruction entries, front-padded
-        causal = layout.index[:, None, :] <= layout.index.gather(1, rows)[:, :, None]  # (B, T, L)
-        key_ok = layout.attended()[:, None, :] & causal
-        if step.timeline_mask is not None:
-            key_ok &= step.timeline_mask.gather(1, layout.index)[:, None, :]
-        decoder = self._executor.decoder
-        probs = decoder.attention_rows(self.layer - 1, step.layer_input, step.rotary, rows, key_ok,
-                                       decoder.cached_keys(step.cache, self.layer - 1))  # (B, H, T, L)
-        # as a batch-1 run: each row's projection and its scores over the row's real entries
-        real = layout.valid if step.timeline_mask is None else layout.valid & step.timeline_mask.gather(1, layout.index)
-        arch = self._executor.arch
-        per_row = 2 * arch.hidden * arch.heads * arch.head_dim + 2 * arch.heads * arch.head_dim * real.sum(1)
-        self.add_flops(valid.sum(1) * per_row)
-        per_entry = probs.mean(1)[..., :prompt].transpose(1, 2)  # (B, P, T)
-        return layout.by_slot(per_entry, self.candidates.shape[1]).transpose(1, 2) * valid[..., None], valid
-
-    def _prefill_only(self, what: str) -> None:
-        if self._step.q_row is not None:
-            raise PruningConfigError(
-                f"method {self._executor.policy.name!r} ranks image tokens by {what} at a decode step; a decode step "
-                "holds the image tokens only as cached keys: rank by keys() or attention() there"
-            )
-
-    def add_flops(self, flops):
-        self._step.state.extra_flops += flops
-
-
-class _ExecutedVisionSignals(VisionSignals):
-    """The signals of the stage before the decoder, from the vision tower's feature layer
-    (kept while the tower ran) and the prompt's embeddings."""
-
-    def __init__(self, executor: "Executor", embeds: torch.Tensor, state: GenerationState):
-        vision = executor.decoder.vision
-        super().__init__(state.img_pos.shape[1], vision.grid)
-        self._vision, self._embeds, self._state = vision, embeds, state
-        self._queries, self._keys = vision.taken()
-        images, tokens = self._keys.shape[:2]
-        rows = embeds.shape[0]
-        one_image_per_prompt = rows % images == 0 and tokens - 1 == self.image_tokens and bool(state.img_present.all())
-        if not one_image_per_prompt:
-            raise PruningConfigError(
-                f"method {executor.policy.name!r} reduces one image per prompt before the decoder: this batch has "
-                f"{rows} prompts, {images} images of {tokens - 1} patches, and prompts with "
-                f"{state.img_present.sum(1).tolist()} image tokens"
-            )
-        if images < rows:  # generate encodes each image once, then repeats it for every beam
-            self._queries, self._keys = (tensor.repeat_interleave(rows // images, dim=0) for tensor in (self._queries, self._keys))
-
-    def cls_attention(self):
-        self.add_flops(2 * self._vision.heads * self._vision.head_dim * self._keys.shape[1])
-        return self._vision.class_attention(self._queries, self._keys).to(self._embeds.device)
-
-    def keys(self):
-        return self._keys[:, 1:].float().mean(2).to(self._embeds.device)
-
-    def features(self):
-        return gather_rows(self._embeds, self._state.img_pos)
-
-    def add_flops(self, flops):
-        self._state.extra_flops += flops
-
-
 class Executor:
     """Runs one installed policy on the decoder that ``decoder`` (an ``HFDecoder``) wraps."""
 
@@ -292,7 +182,7 @@ class Executor:
         hidden, masks, layer_input, projected = embeds, _MaskCache(self.decoder), None, None
         for layer_idx in range(self.num_layers):
             if layer_idx > 0:
-                step = _Step(state, layer_idx, layer_input, projected, (cos, sin), query_timeline, attention_mask, cache,
+                step = Step(state, layer_idx, layer_input, projected, (cos, sin), query_timeline, attention_mask, cache,
                              None, hidden)
                 img_kept, merge_weights = self._select(step, layout)
                 if merge_weights is not None:
@@ -344,7 +234,7 @@ class Executor:
         hidden, masks, layer_input, projected, rotary = embeds, _MaskCache(self.decoder), None, None, None
         for layer_idx in range(self.num_layers):
             if layer_idx > 0:  # ``rotary``: the previous layer's, whose attention row may rank
-                step = _Step(state, layer_idx, layer_input, projected, rotary, query_timeline, attention_mask, cache,
+                step = Step(state, layer_idx, layer_input, projected, rotary, query_timeline, attention_mask, cache,
                              new_tokens - 1, hidden)
                 img_kept, _ = self._select(step, state.layouts[layer_idx])  # merging is refused at decode steps
                 if img_kept is not None and not self.policy.progressive:
@@ -368,7 +258,7 @@ class Executor:
         merged, the others leave the sequence, and positions close up behind them (the
         decoder sees the shorter prompt the vision side would have handed over). Returns
         (embeddings, layout, position ids) of the kept entries."""
-        signals = _ExecutedVisionSignals(self, embeds, state)
+        signals = ExecutedVisionSignals(self, embeds, state)
         reduction = self.policy.reduce_before_decoder(signals)
         if reduction is None:
             return embeds, layout, position_ids
@@ -436,7 +326,7 @@ class Executor:
         observed = layer_idx + 1 < self.num_layers and self.policy.observes(layer_idx + 1, step)
         return _OutputCapture(self.decoder.query_projection(layer_idx) if observed and self.scoring == "row" else None)
 
-    def _select(self, step: _Step, layout: KeyLayout) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _select(self, step: Step, layout: KeyLayout) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Ask the policy before ``step.layer``, whose keys are ``layout`` so far. Returns
         the image slots to attend to from this layer on (None when nothing changes) and
         the merge weights of the image slots' hidden states, if the policy merges.
@@ -447,7 +337,7 @@ class Executor:
         is shown the attention of the step's query per head and token group first."""
         policy, state = self.policy, step.state
         candidates = layout.img_kept if policy.progressive else state.img_present
-        signals = _ExecutedSignals(self, step, candidates)
+        signals = ExecutedSignals(self, step, candidates)
         view = StepView(n_img=state.plan.n_img)
         if policy.observes(step.layer, state.step):
             view.group_attention = state.layouts[step.layer - 1].group_sums(signals.attention_probs())
@@ -470,7 +360,7 @@ class Executor:
             raise PruningConfigError(f"method {policy.name!r} merges image tokens at a decode step: only the prefill can")
         return top_slots(ranking.scores, candidates, keep), ranking.merge_weights
 
-    def attention_row(self, step: _Step) -> torch.Tensor:
+    def attention_row(self, step: Step) -> torch.Tensor:
         """(B, heads, L) attention of the step's query at the layer before ``step.layer``:
         softmax over the keys that layer attends to, in the order of its layout's entries
         (0 elsewhere)."""
@@ -499,7 +389,7 @@ class Executor:
         return self.decoder.attention_rows(obs_layer, layer_input, step.rotary, pick,
                                            None if key_ok is None else key_ok[:, None, :], keys, step.projected)[:, :, 0]
 
-    def _rerun_weights(self, step: _Step, key_ok):
+    def _rerun_weights(self, step: Step, key_ok):
         """(B, heads, L, L) LightCompress's way: the observation layer run again on its
         input in eager attention, without the cache, for the weights of every query; its
         FLOPs go into the plan as the decision's."""
