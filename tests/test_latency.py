@@ -12,6 +12,8 @@ from dyrate_eval.report.tables import paired_latency_shown
 
 
 def pairs(method: dict[str, list[float]], original: dict[str, list[float]]) -> pd.DataFrame:
+    """Pairs of five samples, each answer 12 tokens long unless given."""
+    method, original = {"new_tokens": [12] * 5, **method}, {"new_tokens": [12] * 5, **original}
     return pd.DataFrame({**method, **{f"{column}_original": values for column, values in original.items()}})
 
 
@@ -30,7 +32,7 @@ def test_ratios_are_medians_of_per_sample_ratios_with_their_quartiles():
     # decode: the sample without a decode step is left out; 5/4, 5/6, 5/4, 5/6 straddle 1
     assert summary["decode ratio"] == pytest.approx((1.25 + 5 / 6) / 2)
     assert summary["decode noisy"] is True, "an effect smaller than its spread is marked"
-    assert summary["latency samples"] == 5
+    assert summary["answer tokens"] == summary["original answer tokens"] == 12 and summary["latency samples"] == 5
 
 
 def test_a_ratio_whose_spread_is_larger_than_its_effect_is_noisy_even_when_its_iqr_misses_one():
@@ -51,10 +53,10 @@ def test_tables_show_each_ratio_with_its_spread_and_the_times_beside_the_origina
     without = {"source": "measured, no latency pass"}
     shown = paired_latency_shown(pd.DataFrame([measured, reported, without], columns=["source", *SUMMARY_COLUMNS]))
     assert list(shown.columns) == ["source", "latency (ms)", "latency ratio", "TTFT (ms)", "TTFT ratio", "decode (ms/token)",
-                                   "decode ratio", "latency samples"]
+                                   "decode ratio", "answer tokens", "latency samples"]
     assert shown.loc[0, "latency ratio"] == "0.60 [0.50-0.70]"
     assert shown.loc[0, "latency (ms)"] == "60.0 / 100.0" and shown.loc[0, "decode (ms/token)"] == "5.00 / 5.00"
-    assert shown.loc[0, "decode ratio"] == "~1.00 [0.83-1.25]"
+    assert shown.loc[0, "decode ratio"] == "~1.00 [0.83-1.25]" and shown.loc[0, "answer tokens"] == "12.0 / 12.0"
     assert shown.loc[1, "latency (ms)"] == "70.8" and pd.isna(shown.loc[1, "latency ratio"]), "the paper's own ms, no ratio"
     assert shown.loc[2].drop("source").isna().all(), "a cell never timed stays missing"
 

@@ -41,14 +41,15 @@ SUMMARY_COLUMNS = [
     column for label, (_, unit) in LATENCY_MEASURES.items()
     for column in (f"{label} ({unit})", f"original {label} ({unit})", f"{label} ratio", f"{label} ratio q1",
                    f"{label} ratio q3", f"{label} noisy")
-] + ["latency samples"]
+] + ["answer tokens", "original answer tokens", "latency samples"]
 
 
 def summarize_pairs(pairs: pd.DataFrame) -> dict:
     """Per measure: the method's and the original's median times, the median of the
     per-sample ratios method / original with its quartiles, and whether the spread
     (the interquartile range) is larger than the effect (the median's distance from 1).
-    Decode ratios count the samples where both generations made a decode step."""
+    Decode ratios count the samples where both generations made a decode step. Then
+    the median answer lengths, which the end-to-end times include."""
     summary = {}
     for label, (column, unit) in LATENCY_MEASURES.items():
         ratios = (pairs[column] / pairs[f"{column}_original"]).dropna()
@@ -61,6 +62,8 @@ def summarize_pairs(pairs: pd.DataFrame) -> dict:
             f"{label} ratio q3": q3,
             f"{label} noisy": bool(q3 - q1 > abs(median - 1)),
         }
+    summary["answer tokens"] = pairs["new_tokens"].median()
+    summary["original answer tokens"] = pairs["new_tokens_original"].median()
     summary["latency samples"] = len(pairs)
     return summary
 

@@ -241,8 +241,8 @@ def latency_note(latency: pd.DataFrame) -> str:
         "the first token (vision tower and prefill); `decode`: per generated token after the first (one-token answers "
         "have none). `X ratio`: the median of the per-sample ratios method / original [interquartile range]; `~` marks "
         "a ratio whose spread is larger than its effect (the IQR is wider than the median's distance from 1). `X (ms)`: "
-        "the method's median / the original's, in the same pass. The original's row: the original timed against "
-        "itself, the noise floor. `batch`: prompts per generate call. Reported rows: the paper's end-to-end ms."
+        "the method's median / the original's, in the same pass; `answer tokens` likewise (end to end includes a change of "
+        "answer length). The original's row: the original timed against itself, the noise floor. `batch`: prompts per generate call. Reported rows: the paper's end-to-end ms."
     )
     if latency.empty:
         return f"{how} No run has a latency file: every measured latency is missing (./run_all.sh's latency pass).\n\n"
