@@ -242,12 +242,12 @@ def latency_note(latency: pd.DataFrame) -> str:
         "have none). `X ratio`: the median of the per-sample ratios method / original [interquartile range]; `~` marks "
         "a ratio whose spread is larger than its effect (the IQR is wider than the median's distance from 1). `X (ms)`: "
         "the method's median / the original's, in the same pass; `answer tokens` likewise (end to end includes a change of "
-        "answer length). The original's row: the original timed against itself, the noise floor. `batch`: prompts per generate call. Reported rows: the paper's end-to-end ms."
+        "answer length). The original's row: the original timed against itself, the noise floor. `batch`: prompts per "
+        "generate call. Reported rows: the paper's end-to-end ms."
     )
     if latency.empty:
         return f"{how} No run has a latency file: every measured latency is missing (./run_all.sh's latency pass).\n\n"
-    per_run = latency.drop_duplicates(["file", "task"]).drop_duplicates("file")
-    counts = per_run.groupby(list(LATENCY_CONDITIONS), sort=False).size()
+    counts = latency.drop_duplicates("file").groupby(list(LATENCY_CONDITIONS), sort=False).size()
     measured = "; ".join(
         f"{runs} run{'s' if runs > 1 else ''}: {samples} samples per task after {warmup} warm-up, batch {batch}, {device}, "
         f"{dtype}, {threads} CPU thread{'s' if threads > 1 else ''}"
