@@ -21,6 +21,12 @@
 # benchmarks on the embedded model and on the 7B's width with 4 decoder layers, with
 # FastV's peers beside the core's FastV (scripts/bench_gpu.sh times the real shapes on a GPU).
 #
+# After the cells, the latency pass (dyrate-eval latency) times every cell's method
+# against the original, interleaved sample by sample in one process on the first docs of
+# the cell's tasks, at batch 1 as the paper: 8 samples per task after 2 warm-up ones
+# (--limit N: N after 1), on one CPU thread offline (shared cores, see results/FINDINGS.md).
+# The tables' latency columns are its ratios; a cell timed earlier is not timed again.
+#
 # ./run_all.sh --paper --model-7b ID --model-13b ID runs the paper's grid instead, on a
 # GPU machine with network access (lmms-eval's own benchmarks download their data; the
 # models are hub ids or folders): per model the original, FastV K=2 R=0.5 and K=3
@@ -51,10 +57,11 @@
 # folder: a second one stops at once, naming the lock it found held. --force recomputes
 # every cell. --limit N evaluates N items per task, a quick check of the path whose tables
 # (in runs/embedded-limitN/report) say nothing about accuracy (even N with --paper: MME
-# scores its questions in pairs). --only A,B runs the named cells, traces and benchmarks
-# alone, then the report. --runs DIR puts the cells into DIR (relative to this folder)
-# instead of runs/embedded (runs/paper with --paper, runs/paper-rehearsal with
-# --rehearse, -limitN added with --limit); the rehearsal's setup goes beside DIR.
+# scores its questions in pairs). --only A,B runs the named cells (and their latency
+# pass), traces and benchmarks alone, then the report. --runs DIR puts the cells into
+# DIR (relative to this folder) instead of runs/embedded (runs/paper with --paper,
+# runs/paper-rehearsal with --rehearse, -limitN added with --limit); the rehearsal's
+# setup goes beside DIR.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -257,7 +264,7 @@ if [ -n "$model_7b" ]; then trace_model=$model_7b; trace_predictor=$predictor_7b
 once=4
 schedule_cells=5
 [ "$paper" = 0 ] || { once=3; [ -z "$trace_predictor" ] || once=4; schedule_cells=0; }
-total=$((${#cells[@]} + schedule_cells + 2 * ${#ablation[@]} + ${#matched[@]} + once))
+total=$((${#cells[@]} + schedule_cells + 2 * ${#ablation[@]} + ${#matched[@]} + 1 + once))  # 1: the latency pass
 index=0
 # Counts a cell and says whether it runs: not when its output ($2, non-empty) is there
 # from an earlier run, unless --force. $3: where its log goes.
@@ -271,11 +278,19 @@ cell_starts() {
   echo "[$index/$total] $1: running${3:+ (log: $3)}"
   started=$SECONDS
 }
+# the cells the latency pass times: every cell run_all.sh was asked for, run now or
+# earlier, once (a FLOPs-matched FastV cell can be a cell of the grid)
+timed_cells=()
+timed_names=","
 # One lmms-eval cell: name | lmms-eval model | model_args | tasks | gen_kwargs.
 run_cell() {
   local name lmms_model model_args tasks gen_kwargs out
   IFS='|' read -r name lmms_model model_args tasks gen_kwargs <<<"$1"
   out="$runs/$name"
+  if { [ -z "$only" ] || [[ $only == *",$name,"* ]]; } && [[ $timed_names != *",$name,"* ]]; then
+    timed_cells+=("$out")
+    timed_names+="$name,"
+  fi
   # lmms-eval puts the results file in a subfolder named after pretrained=, or directly
   # in the output folder when pretrained= is not given (tasks' submission files, such as
   # MMBench's submissions/<task>_results.json, are not results files)
@@ -391,6 +406,28 @@ for item in "${ablation[@]}"; do
     echo "rate ablation for $label skipped: no rate matches $dyrate_cell's FLOPs share (see the message above)" >&2
   fi
 done
+
+# The latency pass over the cells; dyrate-eval latency skips a cell with a latency file
+# (--force: times them again) and writes each cell's file when it is complete.
+index=$((index + 1))
+if [ ${#timed_cells[@]} -gt 0 ]; then
+  echo "[$index/$total] latency pass over ${#timed_cells[@]} cells (log: $runs/latency.log)"
+  started=$SECONDS
+  latency_samples=8
+  latency_warmup=2
+  [ ${#limit[@]} = 0 ] || { latency_samples=${limit[1]}; latency_warmup=1; }
+  latency_options=(--samples "$latency_samples" --warmup "$latency_warmup" --batch 1)
+  # offline on this project's shared 2-core machine, one thread (results/FINDINGS.md: two
+  # threads beside other jobs made decode steps 40 to 70 times slower, and erratic)
+  [ "$paper" = 1 ] && [ "$rehearse" = 0 ] || latency_options+=(--threads 1)
+  [ "$force" = 0 ] || latency_options+=(--force)
+  if ! "$bin/dyrate-eval" latency "${timed_cells[@]}" "${latency_options[@]}" 2>"$runs/latency.log"; then
+    echo "[$index/$total] latency pass: FAILED; log: $runs/latency.log" >&2
+    show_error "$runs/latency.log"
+    exit 1
+  fi
+  echo "[$index/$total] latency pass: done in $((SECONDS - started)) s"
+fi
 
 # Cells written by a command in one go: skipped when their output exists.
 run_once() {

@@ -1,9 +1,12 @@
 """What the lmms-eval models (``model_wrappers/``) and the library share: the names the
 models are registered under with lmms-eval and the method each runs, and the dtype
-rule for loading a checkpoint. The library reaches the models only through
-lmms-eval's registry (``lmms_model_class``), never by importing ``model_wrappers``."""
+rule for loading a checkpoint, and the lookups of lmms-eval's models and tasks. The
+library reaches the models only through lmms-eval's registry (``lmms_model_class``),
+never by importing ``model_wrappers``."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -37,3 +40,23 @@ def lmms_model_class(name: str) -> type:
     from lmms_eval.models import get_model
 
     return get_model(name, force_simple=True)
+
+
+@functools.cache
+def _task_index(include_path: str, include_defaults: bool):
+    from lmms_eval.tasks import TaskManager
+
+    return TaskManager("WARNING", include_path=include_path, include_defaults=include_defaults)
+
+
+def task_manager(task: str, include_path: str):
+    """lmms-eval's task index holding ``task``: the local tasks alone when they hold it
+    (indexing lmms-eval's own few hundred tasks takes about 20 s), else lmms-eval's too.
+    Each index is built once per process."""
+    local = _task_index(include_path, False)
+    if task in local.all_tasks:
+        return local
+    everything = _task_index(include_path, True)
+    if task not in everything.all_tasks:
+        raise PruningConfigError(f"task {task!r} is not an lmms-eval task (looked in lmms-eval's tasks and {include_path})")
+    return everything

@@ -312,7 +312,7 @@ class PrunedLlava(lmms):
             until = gen_kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             inputs = self._encode(prompts, images)
-            settings = self._generate_settings(gen_kwargs)
+            settings = self.generate_settings(gen_kwargs)
             output, timing = timed_generate(self._model, inputs, **settings)
             new_tokens = output[:, inputs["input_ids"].shape[1]:]
             lengths = generated_lengths(new_tokens, self.tokenizer.eos_token_id)
@@ -351,7 +351,9 @@ class PrunedLlava(lmms):
         for metrics in batch_metrics:
             log_metrics(**metrics)
 
-    def _generate_settings(self, gen_kwargs: dict) -> dict:
+    def generate_settings(self, gen_kwargs: dict) -> dict:
+        """HF ``generate`` settings for a task's generation settings (``dyrate-eval latency``
+        generates with them too)."""
         temperature = float(gen_kwargs.get("temperature") or 0.0)
         do_sample = bool(gen_kwargs.get("do_sample", False)) or temperature > 0
         settings = {

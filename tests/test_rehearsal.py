@@ -83,8 +83,9 @@ print(json.dumps(docs))
 
 def test_run_all_rehearses_the_paper_grid_into_the_papers_tables(tmp_path):
     """./run_all.sh --paper --rehearse, cut to the original and DyRate cells: the setup, the
-    predictor trained for the rehearsal checkpoint, lmms-eval's nine tasks and the
-    report, whose Table 1 and Table 2 hold rehearsal rows in every benchmark column."""
+    predictor trained for the rehearsal checkpoint, lmms-eval's nine tasks, the latency
+    pass and the report, whose Table 1 and Table 2 hold rehearsal rows in every benchmark
+    column and paired latency ratios."""
     command = ["./run_all.sh", "--paper", "--rehearse", "--limit", "2", "--runs", str(tmp_path / "paper"), "--only", "7b_original,7b_dyrate"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
     log = done.stdout + done.stderr
@@ -100,5 +101,8 @@ def test_run_all_rehearses_the_paper_grid_into_the_papers_tables(tmp_path):
     table2 = pd.read_csv(report / "table2_captioning.csv")
     captions = table2[table2["source"] == "rehearsal"]
     assert captions[["NoCaps CIDEr", "Flickr30k CIDEr"]].notna().all().all()
+    for table in (rehearsed, captions):
+        assert table[["latency ratio", "TTFT ratio", "latency (ms)", "original latency (ms)"]].notna().all(axis=None)
+        assert (table["batch"] == 1).all() and (table["latency samples"] > 0).all()
     assert (captions["model"] == "7B").all()
     assert "7b_fastv_K2_R0.5" not in log, "--only runs the named cells alone"

@@ -1,7 +1,10 @@
-"""The aggregator and the traces behind its figures, on real lmms-eval runs of a tiny model."""
+"""The aggregator, the latency pass behind its latency columns and the traces behind its
+figures, on real lmms-eval runs of a tiny model."""
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -10,10 +13,13 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from dyrate_eval.arch import load_arch
+from dyrate_eval.cli import main
 from dyrate_eval.errors import PruningConfigError
+from dyrate_eval.measure.latency import SUMMARY_COLUMNS
 from dyrate_eval.methods import make_policy
 from dyrate_eval.report.figures import point_label
 from dyrate_eval.report.paper import write_report
+from dyrate_eval.report.runs import LATENCY_COLUMNS, latency_file
 from dyrate_eval.report.tables import REPORTED_SOURCE
 from dyrate_eval.core.plan import GROUPS
 from dyrate_eval.measure.trace import TRACE_FILE, trace_examples, write_trace
@@ -136,7 +142,6 @@ def test_trace_attention_shares_and_kept_tokens(tiny_dir):
 
 
 def test_match_rate_gives_a_flops_matched_baseline(report, tiny_dir, capsys):
-    from dyrate_eval.cli import main
     from dyrate_eval.core.simulate import simulate_plan
     from dyrate_eval.measure.flops import plan_flops
 
@@ -175,4 +180,98 @@ def test_mixed_and_repeated_runs_are_refused_and_partial_cells_never_read(report
     original_log.write_text(fastv_log.read_text())
     with pytest.raises(PruningConfigError, match=rf"{original_log} line 1 was generated with .*'fastv'.*, but its results file .* ran "
                                                  r"original_llava with method 'original'"):
+        write_report([copied], tmp_path / "out")
+
+
+# -- the latency pass -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def timed_report(report, tmp_path_factory):
+    """The fixture's runs copied, the latency pass run on the original's and FastV's (2
+    samples per task after 1 warm-up), DyRate's left without one; then the report."""
+    runs = tmp_path_factory.mktemp("timed") / "runs"
+    shutil.copytree(report[0], runs)
+    assert main(["latency", str(runs / "original"), str(runs / "fastv"), "--samples", "2", "--warmup", "1"]) == 0
+    out = runs.parent / "report"
+    return runs, out, write_report([runs], out)
+
+
+def results_file(run: Path) -> Path:
+    [path] = run.glob("**/*_results.json")
+    return path
+
+
+def test_the_latency_pass_writes_a_pair_per_sample_beside_each_run(timed_report):
+    runs, _, _ = timed_report
+    for name in ("original", "fastv"):
+        pairs = pd.read_csv(latency_file(results_file(runs / name)))
+        assert list(pairs.columns) == list(LATENCY_COLUMNS)
+        assert set(pairs["results_file"]) == {results_file(runs / name).name} and set(pairs["method"]) == {name}
+        assert set(pairs["task"]) == {"shapes_caption", "shapes_vqa"}
+        for _, task in pairs.groupby("task"):
+            assert task["doc_ids"].tolist() == [1, 2], "the docs after the warm-up doc 0"
+            assert task["first"].tolist() == ["original", "method"], "the order swaps from sample to sample"
+        times = ["ttft_ms", "end_to_end_ms", "ttft_ms_original", "end_to_end_ms_original"]
+        assert (pairs[times] > 0).all(axis=None)
+        assert set(pairs["batch_size"]) == {1} and set(pairs["samples"]) == {2} and set(pairs["warmup"]) == {1}
+    assert not list((runs / "dyrate").glob("**/*_latency.csv"))
+
+
+def test_the_tables_latency_columns_are_paired_ratios_with_their_spread(timed_report):
+    runs, out, tables = timed_report
+    pairs = pd.read_csv(latency_file(results_file(runs / "fastv")))
+    for name, task in (("table2_captioning", "shapes_caption"), ("table1_benchmarks", "shapes_vqa")):
+        row = measured(tables[name], "fastv").iloc[0]
+        task_pairs = pairs[pairs["task"] == task]
+        ratios = task_pairs["end_to_end_ms"] / task_pairs["end_to_end_ms_original"]
+        assert row["latency ratio"] == pytest.approx(ratios.median())
+        assert row["latency ratio q1"] <= row["latency ratio"] <= row["latency ratio q3"]
+        assert row["latency (ms)"] == pytest.approx(task_pairs["end_to_end_ms"].median())
+        assert row["original latency (ms)"] == pytest.approx(task_pairs["end_to_end_ms_original"].median())
+        assert row["latency samples"] == 2 and row["batch"] == 1
+        assert measured(tables[name], "dyrate")[SUMMARY_COLUMNS].isna().all(axis=None), "no latency pass: missing"
+        print(f"{name}, tiny model, FastV K=2 R=0.5 against the original: "
+              + ", ".join(f"{label} {row[f'{label} ratio']:.3f}" for label in ("TTFT", "decode", "latency")))
+    text = (out / "table2_captioning.md").read_text()
+    fastv_row = next(line for line in text.splitlines() if line.startswith("| measured") and "| fastv" in line)
+    assert re.search(r"\| ~?\d+\.\d\d \[\d+\.\d\d-\d+\.\d\d\] +\|", fastv_row), fastv_row
+    dyrate_row = next(line for line in text.splitlines() if line.startswith("| measured") and "| dyrate" in line)
+    assert dyrate_row.count("missing") >= 7, "no latency for a run without its pass, never zero"
+    assert "Measured: 2 runs: 2 samples per task after 1 warm-up, batch 1, cpu, float32" in text
+    assert f"- {latency_file(results_file(runs / 'fastv'))}" in text, "the latency files are listed with the run files"
+    reported = tables["table2_captioning"][tables["table2_captioning"]["source"] == REPORTED_SOURCE]
+    assert reported["latency (ms)"].notna().all() and reported["latency ratio"].isna().all(), "the paper's rows keep their own ms"
+
+
+def test_a_timed_run_is_kept_unless_forced(timed_report, capsys):
+    runs, _, _ = timed_report
+    path = latency_file(results_file(runs / "fastv"))
+    written = path.stat().st_mtime_ns
+    assert main(["latency", str(runs / "fastv"), "--samples", "2", "--warmup", "1"]) == 0
+    assert f"{path}: measured earlier, kept" in capsys.readouterr().out
+    assert path.stat().st_mtime_ns == written
+
+
+def test_a_latency_file_of_another_run_cut_short_or_without_its_run_is_refused(timed_report, tmp_path):
+    runs, _, _ = timed_report
+    copied = tmp_path / "runs"
+    shutil.copytree(runs, copied)
+    original = latency_file(results_file(copied / "original"))
+    kept = original.read_text()
+    original.write_text(latency_file(results_file(copied / "fastv")).read_text())
+    with pytest.raises(PruningConfigError, match=rf"{re.escape(str(original))} was measured for fastv_llava method 'fastv'.* "
+                                                 r"but sits beside .*, which ran original_llava method 'original'.*belongs to another run"):
+        write_report([copied], tmp_path / "out")
+    original.write_text("".join(kept.splitlines(keepends=True)[:-1]))
+    with pytest.raises(PruningConfigError, match=r"holds 1 pairs of shapes_\w+ where it announces 2: half-written or cut"):
+        write_report([copied], tmp_path / "out")
+    original.write_text(kept[:-40])
+    with pytest.raises(PruningConfigError, match=rf"{re.escape(str(original))} has rows without a number"):
+        write_report([copied], tmp_path / "out")
+    original.write_text(kept)
+    stray = copied / "elsewhere" / original.name
+    stray.parent.mkdir()
+    stray.write_text(kept)
+    with pytest.raises(PruningConfigError, match=rf"{re.escape(str(stray))} is a latency file without its run"):
         write_report([copied], tmp_path / "out")

@@ -326,6 +326,6 @@ def test_searched_schedule_evaluates_through_lmms_eval_and_reports_as_its_search
     policy = json.loads(samples[0])["token_counts"][0]["dyrate"]["policy"]
     assert policy == {"method": "schedule", "schedule": written["schedule"], "positions": "original", "searched_by": "gsearch",
                       "label": written["label"]}
-    scores, measured = load_runs([tmp_path])
+    scores, measured, _ = load_runs([tmp_path])
     assert set(scores["method"]) == {"gsearch"} and set(scores["settings"]) == {written["label"]}
     assert set(measured["method"]) == {"gsearch"} and len(measured) == 8

@@ -143,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--report", help="also write the report's benchmark table of --out (bench_<folder of --out>.csv/.md) here")
     bench.set_defaults(run=run.bench)
 
+    latency = commands.add_parser(
+        "latency", help="time each run's method against the original, interleaved on the same prompts of its tasks "
+        "(the report's latency columns)")
+    latency.add_argument("runs", nargs="+", help="lmms-eval output folders or results files of this project's models")
+    latency.add_argument("--samples", type=positive_int, default=8, help="pairs recorded per task (default 8)")
+    latency.add_argument("--warmup", type=non_negative_int, default=2, help="samples per task run first and not recorded (default 2)")
+    latency.add_argument("--batch", type=positive_int, default=1, help="prompts per generate call (default 1, as the paper)")
+    latency.add_argument("--threads", type=positive_int, help="torch's CPU threads (default: torch's choice)")
+    latency.add_argument("--device", help="default: cuda when available, else cpu")
+    latency.add_argument("--include-path", default="tasks", help="local lmms-eval tasks, as the runs were given (default tasks)")
+    latency.add_argument("--force", action="store_true", help="measure runs that have a latency file again")
+    latency.set_defaults(run=run.latency)
+
     shapes = commands.add_parser("make-shapes-tasks", help="regenerate the embedded tasks' held-out data")
     shapes.add_argument("--out", default="tasks/shapes/data")
     shapes.set_defaults(run=run.make_shapes_tasks)

@@ -72,7 +72,7 @@ def match_rate(args) -> None:
     from ..measure.flops import rate_for_share
     from ..report.runs import load_runs
 
-    _, measured = load_runs([args.run_dir])
+    measured = load_runs([args.run_dir]).measured
     rows = measured[measured["task"] == args.task] if not measured.empty else measured
     if rows.empty:
         raise PruningConfigError(f"{args.run_dir} holds no measured samples of task {args.task!r} (run it with --log_samples)")
@@ -225,6 +225,24 @@ def bench(args) -> None:
     print(f"{arch.name} ({weights}), {device}, {dtype}, {attention} attention, batch {args.batch}, {args.samples} samples "
           f"(+{args.warmup} warm-up), {arch.n_img} image + {args.text_tokens} text tokens, {args.new_tokens} new tokens; medians")
     print(summarize_bench(rows).to_markdown(index=False, floatfmt=".4g"))
+
+
+def latency(args) -> None:
+    import torch
+
+    from ..measure.latency import latency_pass, summarize_pairs
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for path, pairs in latency_pass(args.runs, args.samples, args.warmup, args.batch, args.include_path, args.device,
+                                    args.force):
+        if pairs is None:
+            print(f"{path}: measured earlier, kept (--force measures again)")
+            continue
+        summary = summarize_pairs(pairs)
+        ratios = ", ".join(f"{label} {summary[f'{label} ratio']:.3f} [{summary[f'{label} ratio q1']:.3f}-"
+                           f"{summary[f'{label} ratio q3']:.3f}]" for label in ("TTFT", "decode", "latency"))
+        print(f"{path}: {len(pairs)} pairs; ratios to the original, median [IQR]: {ratios}", flush=True)
 
 
 def make_shapes_tasks(args) -> None:

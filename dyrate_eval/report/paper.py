@@ -1,12 +1,14 @@
 """The aggregator (SPEC section 7): lmms-eval runs in, the paper's tables and figures out.
 
 ``dyrate-eval report RUN_DIR... --out results/`` reads every ``*_results.json`` under the
-given folders, the samples logs beside them (each sample's FLOPs, latency and kept
-tokens, written by the wrappers) and any ``trace.json`` (``dyrate-eval trace``), and
-writes CSV + markdown tables and PNG figures. Measured rows and the numbers the DyRate
-paper reports ("reported" rows, from ``reported/dyrate_paper.csv``) sit in the same
-tables, told apart by the ``source`` column. A missing cell is written as "missing"
-(empty in the CSV), never as zero; every table lists the files that fed it.
+given folders, the samples logs beside them (each sample's FLOPs and kept tokens,
+written by the wrappers), the runs' latency files (``dyrate-eval latency``: each run's
+method timed against the original on the same prompts) and any ``trace.json``
+(``dyrate-eval trace``), and writes CSV + markdown tables and PNG figures. Measured rows
+and the numbers the DyRate paper reports ("reported" rows, from
+``reported/dyrate_paper.csv``) sit in the same tables, told apart by the ``source``
+column. A missing cell is written as "missing" (empty in the CSV), never as zero; every
+table lists the files that fed it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import pandas as pd
 
 from ..errors import PruningConfigError
 from .figures import attention_figure, kept_tokens_figure, pareto_figure, rates_figure, read_traces
-from .runs import load_runs
+from ..measure.latency import SUMMARY_COLUMNS, summarize_pairs
+from .runs import LATENCY_CONDITIONS, Runs, latency_file, load_runs
 from .tables import MEASURED_SOURCE, REPORTED_SOURCE, method_rank, write_table
 
 REPORTED_FILE = Path(__file__).with_name("reported") / "dyrate_paper.csv"
@@ -78,19 +81,25 @@ def reported_rows(table: str) -> pd.DataFrame:
 # -- building tables --------------------------------------------------------------------------
 
 
-def _cost_columns(measured: pd.DataFrame, tasks: set[str], keys: list[str]) -> pd.DataFrame:
+def _flops_column(measured: pd.DataFrame, tasks: set[str], keys: list[str]) -> pd.DataFrame:
     """TFLOPs % (language model, against the unpruned model on the same prompts and
-    lengths), mean end-to-end latency and the batch size."""
+    lengths)."""
     rows = measured[measured["task"].isin(tasks)] if not measured.empty else measured
     if rows.empty:
         return pd.DataFrame(columns=keys)
     rows = rows.assign(tflops_lm_original=rows["tflops_language_model"] / rows["flops_ratio_language_model"])
     grouped = rows.groupby(keys, sort=False)
-    return pd.DataFrame({
-        "TFLOPs %": 100 * grouped["tflops_language_model"].sum() / grouped["tflops_lm_original"].sum(),
-        "latency (ms)": grouped["end_to_end_ms"].mean(),
-        "batch": grouped["batch_size"].max(),
-    }).reset_index()
+    return (100 * grouped["tflops_language_model"].sum() / grouped["tflops_lm_original"].sum()).rename("TFLOPs %").reset_index()
+
+
+def _latency_columns(latency: pd.DataFrame, tasks: set[str], keys: list[str]) -> pd.DataFrame:
+    """The paired latency (``dyrate-eval latency``) over the table's tasks, and the batch
+    it was measured at."""
+    rows = latency[latency["task"].isin(tasks)] if not latency.empty else latency
+    if rows.empty:
+        return pd.DataFrame(columns=keys)
+    return pd.DataFrame([{**dict(zip(keys, key)), **summarize_pairs(pairs), "batch": pairs["batch_size"].max()}
+                         for key, pairs in rows.groupby(keys, sort=False)])
 
 
 def _score_columns(scores: pd.DataFrame, columns: dict, keys: list[str]) -> pd.DataFrame:
@@ -104,12 +113,11 @@ def _score_columns(scores: pd.DataFrame, columns: dict, keys: list[str]) -> pd.D
     return pd.DataFrame(columns=keys) if wide is None else wide.reset_index()
 
 
-def _measured_table(scores: pd.DataFrame, measured: pd.DataFrame, columns: dict, tasks: set[str], keys: list[str],
-                    source: str) -> pd.DataFrame:
-    table = _score_columns(scores, columns, keys)
-    costs = _cost_columns(measured, tasks, keys)
-    if not costs.empty:
-        table = table.merge(costs, on=keys, how="outer") if not table.empty else costs
+def _measured_table(runs: Runs, columns: dict, tasks: set[str], keys: list[str], source: str) -> pd.DataFrame:
+    table = _score_columns(runs.scores, columns, keys)
+    for costs in (_flops_column(runs.measured, tasks, keys), _latency_columns(runs.latency, tasks, keys)):
+        if not costs.empty:
+            table = table.merge(costs, on=keys, how="outer") if not table.empty else costs
     if table.empty:
         return table
     table.insert(0, "source", source)
@@ -144,52 +152,56 @@ def _order(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return table.sort_values(sort, kind="stable").drop(columns=["_source", "_model", "_method"])[columns].reset_index(drop=True)
 
 
-def table_sources(table: pd.DataFrame, scores: pd.DataFrame, tasks: set[str]) -> list[str]:
-    """The run files behind a table's measured rows."""
+def table_sources(table: pd.DataFrame, runs: Runs, tasks: set[str]) -> list[str]:
+    """The run files behind a table's measured rows, and their latency files."""
     measured = table[table["source"] != REPORTED_SOURCE]
-    if measured.empty or scores.empty:
+    if measured.empty or runs.scores.empty:
         return []
     keys = ["model", "method", "settings"] + (["decoding"] if "decoding" in table else [])
-    rows = scores[scores["task"].isin(tasks)].merge(measured[keys].drop_duplicates(), on=keys)
-    return sorted(set(rows["file"]))
+    files = sorted(set(runs.scores[runs.scores["task"].isin(tasks)].merge(measured[keys].drop_duplicates(), on=keys)["file"]))
+    timed = set(runs.latency["file"]) if not runs.latency.empty else set()
+    return files + [str(latency_file(Path(file))) for file in files if file in timed]
 
 
-def build_tables(scores: pd.DataFrame, measured: pd.DataFrame, source: str = MEASURED_SOURCE) -> dict[str, pd.DataFrame]:
-    """The paper's tables; ``source`` labels the rows measured in ``scores`` and ``measured``."""
-    scores = _with_mme_total(_stand_ins_replaced(scores))
-    measured = _stand_ins_replaced(measured)
+def _greedy(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[frame["decoding"] == "greedy"] if not frame.empty else frame
+
+
+def build_tables(runs: Runs, source: str = MEASURED_SOURCE) -> dict[str, pd.DataFrame]:
+    """The paper's tables; ``source`` labels the rows measured in ``runs``."""
+    runs = Runs(_with_mme_total(_stand_ins_replaced(runs.scores)), _stand_ins_replaced(runs.measured),
+                _stand_ins_replaced(runs.latency))
+    greedy = Runs(*map(_greedy, runs))
     benchmark_columns = {**BENCHMARK_COLUMNS, "MME total": (("mme", "mme_total_score"), 1)}
-    greedy_scores = scores[scores["decoding"] == "greedy"] if not scores.empty else scores
-    greedy_measured = measured[measured["decoding"] == "greedy"] if not measured.empty else measured
     keys = ["model", "method", "settings"]
-    cost = ["TFLOPs %", "latency (ms)", "batch"]
+    cost = ["TFLOPs %", *SUMMARY_COLUMNS, "batch"]
     tables = {}
 
     table1 = pd.concat([reported_rows("table1_benchmarks"),
-                        _measured_table(greedy_scores, greedy_measured, benchmark_columns, BENCHMARK_TASKS, keys, source)])
+                        _measured_table(greedy, benchmark_columns, BENCHMARK_TASKS, keys, source)])
     tables["table1_benchmarks"] = _order(table1, KEY + list(benchmark_columns) + cost)
 
-    captions = _measured_table(greedy_scores, greedy_measured, CAPTION_COLUMNS, CAPTION_TASKS, keys, source)
+    captions = _measured_table(greedy, CAPTION_COLUMNS, CAPTION_TASKS, keys, source)
     table2 = pd.concat([reported_rows("table2_captioning"), captions])
     table2["Auto R"] = table2["method"].map(lambda m: "yes" if m in AUTO_RATE_METHODS else "no")
-    tables["table2_captioning"] = _order(table2, KEY + ["TFLOPs %", "latency (ms)", *CAPTION_COLUMNS, "Auto R", "batch"])
+    tables["table2_captioning"] = _order(table2, KEY + ["TFLOPs %", *SUMMARY_COLUMNS, *CAPTION_COLUMNS, "Auto R", "batch"])
 
     # decoding strategies: every method setting that was also run with another decoding
     decoding_keys = keys + ["decoding"]
-    table3 = _measured_table(scores, measured, CAPTION_COLUMNS, CAPTION_TASKS, decoding_keys, source)
+    table3 = _measured_table(runs, CAPTION_COLUMNS, CAPTION_TASKS, decoding_keys, source)
     if not table3.empty:
         varied = table3.groupby(keys)["decoding"].transform("nunique") > 1
         table3 = table3[varied]
     reported3 = reported_rows("table3_decoding").rename(columns={"settings": "decoding"}).assign(settings="")
-    tables["table3_decoding"] = _order(pd.concat([reported3, table3]), KEY + ["decoding", *CAPTION_COLUMNS, "TFLOPs %"])
+    tables["table3_decoding"] = _order(pd.concat([reported3, table3]), KEY + ["decoding", *CAPTION_COLUMNS, *cost])
 
     table4 = captions[captions["method"].isin({"original", "fastv", "dyrate"})] if not captions.empty else captions
     tables["table4_flops_target"] = _order(pd.concat([reported_rows("table4_flops_target"), table4]),
-                                           KEY + [*CAPTION_COLUMNS, "TFLOPs %"])
+                                           KEY + [*CAPTION_COLUMNS, *cost])
 
     table5 = captions[captions["method"].isin(ABLATION_METHODS)] if not captions.empty else captions
     tables["table5_ablation"] = _order(table5 if not table5.empty else pd.DataFrame(columns=KEY),
-                                       KEY + [*CAPTION_COLUMNS, "TFLOPs %"])
+                                       KEY + [*CAPTION_COLUMNS, *cost])
     return tables
 
 
@@ -219,35 +231,60 @@ def write_bench_summary(bench_file: Path, out_dir: Path) -> None:
 # -- the command ------------------------------------------------------------------------------
 
 
+def latency_note(latency: pd.DataFrame) -> str:
+    """How the tables' latency columns were measured, with the conditions the latency
+    files record."""
+    how = (
+        "Latency (`dyrate-eval latency`): each run's method and the original generate the same prompts of the run's tasks "
+        "one after the other, in one process, the order swapping from sample to sample, with the run's generation "
+        "settings (each answers at its own length); warm-up samples are not counted. `latency`: end to end; `TTFT`: up to "
+        "the first token (vision tower and prefill); `decode`: per generated token after the first (one-token answers "
+        "have none). `X ratio`: the median of the per-sample ratios method / original [interquartile range]; `~` marks "
+        "a ratio whose spread is larger than its effect (the IQR is wider than the median's distance from 1). `X (ms)`: "
+        "the method's median / the original's, in the same pass; `answer tokens` likewise (end to end includes a change of "
+        "answer length). The original's row: the original timed against itself, the noise floor. `batch`: prompts per generate call. Reported rows: the paper's end-to-end ms."
+    )
+    if latency.empty:
+        return f"{how} No run has a latency file: every measured latency is missing (./run_all.sh's latency pass).\n\n"
+    per_run = latency.drop_duplicates(["file", "task"]).drop_duplicates("file")
+    counts = per_run.groupby(list(LATENCY_CONDITIONS), sort=False).size()
+    measured = "; ".join(
+        f"{runs} run{'s' if runs > 1 else ''}: {samples} samples per task after {warmup} warm-up, batch {batch}, {device}, "
+        f"{dtype}, {threads} CPU thread{'s' if threads > 1 else ''}"
+        for (samples, warmup, batch, device, dtype, threads), runs in counts.items())
+    return f"{how} Measured: {measured}.\n\n"
+
+
 def write_report(paths: list[str | Path], out_dir: str | Path, source: str = MEASURED_SOURCE) -> dict[str, pd.DataFrame]:
     """Every table and figure of the report into ``out_dir``, the runs' rows labelled
     ``source``; returns the tables."""
-    scores, measured = load_runs(paths)
+    runs = load_runs(paths)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tables = build_tables(scores, measured, source)
+    tables = build_tables(runs, source)
     table_tasks = {name: CAPTION_TASKS for name in tables} | {"table1_benchmarks": BENCHMARK_TASKS}
+    latency = latency_note(runs.latency)
     notes = {
         "table1_benchmarks": "Greedy decoding. TFLOPs %: the language model's FLOPs against the unpruned model on the same "
-        "prompts and answer lengths, from each sample's executed plan. Latency: mean end-to-end time of a sample's "
-        "generate call (with `batch` samples per call). MMB: lmms-eval's GPT-judged score (mmbench_en_dev), or its "
-        "rule-based score (mmbench_en_dev_static) for runs made without an OpenAI key: the run files say which. "
+        "prompts and answer lengths, from each sample's executed plan. MMB: lmms-eval's GPT-judged score (mmbench_en_dev), "
+        "or its rule-based score (mmbench_en_dev_static) for runs made without an OpenAI key: the run files say which. "
         "MME: the paper's one MME column mixes LLaVA's perception score (1510.7) with what look like perception + "
         "cognition totals for SparseVLM (1721) and VisionZip (1834); those two stand under MME total, apart from the "
-        "perception scores. Rows of method 'other VLM' are other models as the paper lists them.\n\n",
-        "table2_captioning": "Greedy decoding; TFLOPs % and latency from the caption tasks' samples.\n\n",
-        "table3_decoding": "Method settings run with more than one decoding strategy.\n\n",
-        "table4_flops_target": "DyRate trained for two FLOPs targets against FastV (rows appear as those runs exist).\n\n",
-        "table5_ablation": f"Methods {', '.join(ABLATION_METHODS)} (rows appear as those runs exist).\n\n",
+        "perception scores. Rows of method 'other VLM' are other models as the paper lists them. "
+        f"{latency}",
+        "table2_captioning": f"Greedy decoding; TFLOPs % and latency from the caption tasks. {latency}",
+        "table3_decoding": f"Method settings run with more than one decoding strategy. {latency}",
+        "table4_flops_target": f"DyRate trained for two FLOPs targets against FastV (rows appear as those runs exist). {latency}",
+        "table5_ablation": f"Methods {', '.join(ABLATION_METHODS)} (rows appear as those runs exist). {latency}",
     }
-    keep = set(KEY) | {"decoding", "TFLOPs %", "latency (ms)", "batch", "Auto R"}
+    keep = set(KEY) | {"decoding", "TFLOPs %", *SUMMARY_COLUMNS, "batch", "Auto R"}
     for name, table in tables.items():
-        sources = table_sources(table, scores, table_tasks[name])
+        sources = table_sources(table, runs, table_tasks[name])
         write_table(_drop_empty_score_columns(table, keep), out_dir, name, sources, notes[name])
     pareto_figure(tables, out_dir / "pareto.png", [*BENCHMARK_COLUMNS, *CAPTION_COLUMNS])
     for bench_file in [f for path in map(Path, paths) if path.is_dir() for f in sorted(path.glob("**/bench.csv"))]:
         write_bench_summary(bench_file, out_dir)
-    if not rates_figure(measured, out_dir / "fig3_dyrate_rates.png"):
+    if not rates_figure(runs.measured, out_dir / "fig3_dyrate_rates.png"):
         print("no run with per-step rates (method dyrate) among the runs: no fig3_dyrate_rates.png")
     traces = read_traces(paths)
     if traces:

@@ -1,6 +1,7 @@
-"""The one run reader: lmms-eval result files and the samples logs beside them, checked
-(which model and policy wrote them, duplicates, half-written folders) before anything
-is merged; a bad file is refused by name.
+"""The one run reader: lmms-eval result files, the samples logs beside them and the
+latency files ``dyrate-eval latency`` writes beside them, checked (which model and
+policy wrote them, which run a latency file was measured for, duplicates, half-written
+folders and files) before anything is merged; a bad file is refused by name.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import functools
 import itertools
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -67,20 +70,26 @@ def decoding_label(generation_kwargs: dict) -> str:
     return "greedy"
 
 
-def read_results_file(path: Path) -> list[dict]:
-    """Rows (one per task) of one lmms-eval results file."""
+def _results_json(path: Path) -> dict:
+    """An lmms-eval results file written by one of this project's models, parsed."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise PruningConfigError(f"cannot read results file {path}: {error}") from None
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict) or "config" not in data:
         raise PruningConfigError(f"{path} is not an lmms-eval results file (no 'results' and 'config')")
-    config = data["config"]
-    if config.get("model") not in LMMS_MODELS:
+    if data["config"].get("model") not in LMMS_MODELS:
         raise PruningConfigError(
-            f"{path} was written by lmms-eval model {config.get('model')!r}, not by one of this project's models "
+            f"{path} was written by lmms-eval model {data['config'].get('model')!r}, not by one of this project's models "
             f"({', '.join(LMMS_MODELS)}): refused, its method and measurements are unknown"
         )
+    return data
+
+
+def read_results_file(path: Path) -> list[dict]:
+    """Rows (one per task) of one lmms-eval results file."""
+    data = _results_json(path)
+    config = data["config"]
     model_args = parse_model_args(config.get("model_args") or "")
     rows = []
     for task, metrics in data["results"].items():
@@ -99,6 +108,27 @@ def read_results_file(path: Path) -> list[dict]:
                 row[name] = value
         rows.append(row)
     return rows
+
+
+@dataclass(frozen=True)
+class RunConfiguration:
+    """How an lmms-eval run was made, enough to make it again: its lmms-eval model with
+    the ``--model_args`` string, and the generation settings each task ran with (with
+    ``--gen_kwargs`` applied; groups of tasks have none)."""
+
+    model: str
+    model_args: str
+    generation_kwargs: dict[str, dict]
+
+
+def read_run_configuration(path: Path) -> RunConfiguration:
+    data = _results_json(path)
+    configs = data.get("configs") or {}
+    return RunConfiguration(
+        model=data["config"]["model"],
+        model_args=data["config"].get("model_args") or "",
+        generation_kwargs={task: dict(config.get("generation_kwargs") or {}) for task, config in configs.items()},
+    )
 
 
 # What tells one evaluated configuration from another.
@@ -238,22 +268,34 @@ def read_sample_measurements(samples_file: Path) -> list[dict]:
     return records
 
 
-def load_runs(paths: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(scores, measurements): a row per run file and task with its metrics, decoding
-    and model label; and a row per measured sample, keyed the same way. The runs are
-    checked as ``read_runs`` checks them."""
-    score_rows, measured_rows = [], []
+class Runs(NamedTuple):
+    scores: pd.DataFrame  # a row per run file and task, with its metrics
+    measured: pd.DataFrame  # a row per generated sample, with its measurements
+    latency: pd.DataFrame  # a row per pair of ``dyrate-eval latency`` (method and original on the same inputs)
+
+
+def load_runs(paths: list[str | Path]) -> Runs:
+    """Scores, measured samples and latency pairs, each row keyed by its run file, model
+    label, method, settings, decoding and task. The runs are checked as ``read_runs``
+    checks them, their latency files as ``read_latency`` does, and a latency file whose
+    run is not among them is refused."""
+    score_rows, measured_rows, latency_rows = [], [], []
+    files = []
     for file, file_rows in itertools.groupby(read_runs(paths), key=lambda row: row["file"]):
         rows = list(file_rows)
+        files.append(Path(file))
+        pairs = read_latency(Path(file), rows)  # checked against the run before its rows are relabelled
         records = {row["task"]: read_sample_measurements(samples_file(Path(file), row["task"])) for row in rows}
         searched = searched_schedule([record for task_records in records.values() for record in task_records])
         for row in rows:
             row["model"] = model_label(row["pretrained"])
             row.update(searched)
             score_rows.append(row)
-            for record in records[row["task"]]:
-                measured_rows.append({key: row[key] for key in ("file", "model", "method", "settings", "decoding", "task")} | record)
-    return pd.DataFrame(score_rows), pd.DataFrame(measured_rows)
+            key = {key: row[key] for key in ("file", "model", "method", "settings", "decoding", "task")}
+            measured_rows += [key | record for record in records[row["task"]]]
+            latency_rows += [pair | key for pair in pairs if pair["task"] == row["task"]]
+    _refuse_unclaimed_latency_files(paths, files)
+    return Runs(pd.DataFrame(score_rows), pd.DataFrame(measured_rows), pd.DataFrame(latency_rows))
 
 
 def searched_schedule(records: list[dict]) -> dict:
@@ -263,3 +305,98 @@ def searched_schedule(records: list[dict]) -> dict:
     policies = [record.get("policy") or {} for record in records]
     searched = next((policy for policy in policies if policy.get("searched_by")), None)
     return {"method": searched["searched_by"], "settings": searched.get("label") or ""} if searched else {}
+
+
+# -- paired latency (``dyrate-eval latency``) -------------------------------------------------
+
+
+def latency_file(results_file: Path) -> Path:
+    """Where ``dyrate-eval latency`` writes a run's pairs: ``<stamp>_latency.csv`` beside its
+    ``<stamp>_results.json``, named as lmms-eval names the samples logs."""
+    return results_file.with_name(results_file.name.replace("_results.json", "_latency.csv"))
+
+
+# The columns of a latency file. Each row names the run it was measured for (checked
+# against the results file it sits beside) and the conditions of the pass, then holds one
+# pair: the method's times and the original's, on the same inputs.
+LATENCY_RUN_COLUMNS = ("results_file", "model", "pretrained", "method", "settings")
+LATENCY_CONDITIONS = ("samples", "warmup", "batch_size", "device", "dtype", "threads")
+LATENCY_TIMES = ("ttft_ms", "decode_ms_per_token", "end_to_end_ms")
+LATENCY_COLUMNS = (*LATENCY_RUN_COLUMNS, "task", "decoding", *LATENCY_CONDITIONS, "sample", "doc_ids", "first",
+                   "new_tokens", "new_tokens_original", *LATENCY_TIMES, *(f"{time}_original" for time in LATENCY_TIMES))
+_LATENCY_TEXT = (*LATENCY_RUN_COLUMNS, "task", "decoding", "device", "dtype", "doc_ids", "first")
+# empty where a generation made no decode step (a one-token answer)
+_LATENCY_OPTIONAL = ("decode_ms_per_token", "decode_ms_per_token_original")
+
+
+def _run_identity(values: dict) -> str:
+    return (f"{values['model']} method {values['method']!r}, settings {values['settings'] or '(none)'}, pretrained "
+            f"{values['pretrained']}, results file {values['results_file']}")
+
+
+def read_latency(results_file: Path, rows: list[dict]) -> list[dict]:
+    """The pairs of a run's latency file, [] when it has none. Refused, by name, unless it
+    was measured for this run (the results file's name, model, method and settings) on the
+    tasks the run generated for, with each task's decoding, and holds every pair it
+    announces per task (a half-written or cut file is not read)."""
+    path = latency_file(results_file)
+    if not path.exists():
+        return []
+    try:
+        table = pd.read_csv(path, dtype={column: str for column in _LATENCY_TEXT}, keep_default_na=False,
+                            na_values={column: [""] for column in _LATENCY_OPTIONAL})
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise PruningConfigError(f"cannot read latency file {path}: {error}") from None
+    missing = [column for column in LATENCY_COLUMNS if column not in table]
+    if missing:
+        raise PruningConfigError(f"{path} is not a `dyrate-eval latency` file (no {', '.join(missing)})")
+    expected = {"results_file": results_file.name, **{key: rows[0][key] for key in LATENCY_RUN_COLUMNS[1:]}}
+    found = {key: sorted(set(table[key])) for key in LATENCY_RUN_COLUMNS}
+    rerun = f"rerun `dyrate-eval latency --force {results_file.parent}`"
+    if any(found[key] != [value] for key, value in expected.items()):
+        shown = {key: " / ".join(values) for key, values in found.items()}
+        raise PruningConfigError(
+            f"{path} was measured for {_run_identity(shown)}, but sits beside {results_file}, which ran "
+            f"{_run_identity(expected)}: it belongs to another run; {rerun}"
+        )
+    numeric = [column for column in LATENCY_COLUMNS if column not in _LATENCY_TEXT]
+    unusable = [column for column in numeric if not pd.api.types.is_numeric_dtype(table[column])
+                or (column not in _LATENCY_OPTIONAL and table[column].isna().any())]
+    if unusable:
+        raise PruningConfigError(f"{path} has rows without a number in {', '.join(unusable)}: half-written or edited; {rerun}")
+    configured = set(read_run_configuration(results_file).generation_kwargs)
+    if set(table["task"]) != configured:
+        raise PruningConfigError(
+            f"{path} holds tasks {', '.join(sorted(set(table['task'])))}, but {results_file} generated for "
+            f"{', '.join(sorted(configured))}: it was measured for another run; {rerun}"
+        )
+    decodings = {row["task"]: row["decoding"] for row in rows}
+    for task, pairs in table.groupby("task"):
+        announced = pairs["samples"].unique()
+        if len(announced) != 1 or len(pairs) != announced[0]:
+            raise PruningConfigError(
+                f"{path} holds {len(pairs)} pairs of {task} where it announces {', '.join(map(str, announced))}: "
+                f"half-written or cut; {rerun}"
+            )
+        if set(pairs["decoding"]) != {decodings[task]}:
+            raise PruningConfigError(
+                f"{path} timed {task} with {', '.join(sorted(set(pairs['decoding'])))} decoding, but {results_file} ran it "
+                f"{decodings[task]}: it belongs to another run; {rerun}"
+            )
+    return table.to_dict("records")
+
+
+def _refuse_unclaimed_latency_files(paths: list[str | Path], results_files: list[Path]) -> None:
+    """A latency file under the given folders whose results file was not read: copied or
+    left behind, it belongs to a run nobody asked for."""
+    claimed = {latency_file(file) for file in results_files}
+    for path in map(Path, paths):
+        if not path.is_dir():
+            continue
+        for found in sorted(path.glob("**/*_latency.csv")):
+            if not _partial_folder(found.relative_to(path)) and found not in claimed:
+                raise PruningConfigError(
+                    f"{found} is a latency file without its run: no results file "
+                    f"{found.name.replace('_latency.csv', '_results.json')} was read beside it; put it back beside the "
+                    "run it was measured for, or delete it"
+                )

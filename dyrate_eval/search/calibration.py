@@ -34,14 +34,14 @@ from pathlib import Path
 import torch
 from lmms_eval.api.task import Task
 from lmms_eval.evaluator import simple_evaluate
-from lmms_eval.tasks import TaskManager, get_task_dict
+from lmms_eval.tasks import get_task_dict
 
 from ..arch import Arch
 from ..core.hf_llava import image_token_id
 from ..core.policy import PruningPolicy
 from ..core.simulate import simulate_plan
 from ..errors import PruningConfigError
-from ..harness import lmms_model_class
+from ..harness import lmms_model_class, task_manager
 from ..measure.flops import plan_flops
 from ..measure.timing import original_flops
 from ..methods import make_policy
@@ -80,20 +80,6 @@ class FlopsShare:
         }
 
 
-def _task_manager(task: str, include_path: str) -> TaskManager:
-    """lmms-eval's task index: the local tasks alone when they hold ``task`` (indexing
-    lmms-eval's own few hundred tasks takes about 20 s), else lmms-eval's too."""
-    local = TaskManager("WARNING", include_path=include_path, include_defaults=False)
-    if task in local.all_tasks:
-        return local
-    everything = TaskManager("WARNING", include_path=include_path)
-    if task not in everything.all_tasks:
-        raise PruningConfigError(
-            f"--task {task!r} is not an lmms-eval task (looked in lmms-eval's tasks and {include_path})"
-        )
-    return everything
-
-
 class Calibration:
     """The calibration docs of one lmms-eval task and the model a search evaluates on them."""
 
@@ -102,7 +88,7 @@ class Calibration:
         """``metric`` is the score criterion's (default: the task's first); it is checked
         here, with the task, before the model loads."""
         self.task, self.limit, self.offset = task, limit, offset
-        self.task_manager = _task_manager(task, include_path)
+        self.task_manager = task_manager(task, include_path)
         task_object = get_task_dict([task], self.task_manager).get(task)
         if not isinstance(task_object, Task) or task_object.OUTPUT_TYPE != "generate_until":
             raise PruningConfigError(
