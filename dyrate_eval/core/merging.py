@@ -22,4 +22,10 @@ def merge_features(features: torch.Tensor, kept: torch.Tensor, weights: torch.Te
     out = features.clone()
     batch_rows = torch.arange(features.shape[0], device=features.device)[:, None].expand_as(local)
     out[batch_rows[valid], local[valid]] = merged[valid]
-    return out, 2 * kept.sum(1) * features.shape[1] * features.shape[2]
+    return out, merge_flops(kept.sum(1), features.shape[1], features.shape[2])
+
+
+def merge_flops(kept, slots: int, width: int):
+    """The FLOPs of merging ``kept`` slots, each a combination of ``slots`` features of
+    ``width``: one multiply-add per coefficient and feature element."""
+    return 2 * kept * slots * width

@@ -10,6 +10,7 @@ import torch
 
 from ..arch import Arch
 from ..errors import PruningConfigError
+from .merging import merge_flops
 from .plan import ExecutedPlan
 from .policy import PruningPolicy, Ranking, RankingSignals, StepView, VisionSignals
 from .selection import next_keep
@@ -77,7 +78,7 @@ def _before_decoder(policy: PruningPolicy, arch: Arch) -> tuple[int, int]:
     if reduction is None:
         return arch.n_img, signals.flops
     kept = int(reduction.kept.sum())
-    merging = 0 if reduction.merge_weights is None else 2 * kept * arch.n_img * arch.hidden
+    merging = 0 if reduction.merge_weights is None else merge_flops(kept, arch.n_img, arch.hidden)
     return kept, signals.flops + merging
 
 
@@ -107,7 +108,7 @@ def simulate_plan(policy: PruningPolicy, arch: Arch, text_tokens: int, new_token
         ranking = policy.score(signals)
         merging = 0
         if isinstance(ranking, Ranking) and ranking.merge_weights is not None:
-            merging = 2 * int(keep[0]) * arch.n_img * arch.hidden
+            merging = merge_flops(int(keep[0]), arch.n_img, arch.hidden)
         return int(keep[0]), signals.scored_keys, signals.flops + merging
 
     # prefill: a progressive drop shortens every later layer's sequence (layer 0 is never

@@ -72,14 +72,17 @@ class VisionZip(PruningPolicy):
         if self.contextual == 0:
             return ImageReduction(dominant)
         # the remaining slots in order; every step-th of them is a target (VisionZip's spacing)
-        remaining = torch.sort((dominant).to(torch.int8), dim=1, stable=True).indices[:, : slots - dominant_count]
+        remaining = torch.sort(dominant.to(torch.int8), dim=1, stable=True).indices[:, : slots - dominant_count]
         step = max(1, remaining.shape[1] // self.contextual)
         is_target = torch.zeros(remaining.shape[1], dtype=torch.bool, device=attention.device)
         is_target[torch.arange(0, remaining.shape[1], step, device=attention.device)[: self.contextual]] = True
         targets, others = remaining[:, is_target], remaining[:, ~is_target]
         keys = F.normalize(signals.keys(), dim=-1)  # (B, N, head_dim)
-        gather = lambda index: keys.gather(1, index[..., None].expand(-1, -1, keys.shape[-1]))  # noqa: E731
-        similarity = torch.matmul(gather(others), gather(targets).transpose(1, 2))  # (B, others, targets)
+
+        def keys_of(slots: torch.Tensor) -> torch.Tensor:
+            return keys.gather(1, slots[..., None].expand(-1, -1, keys.shape[-1]))
+
+        similarity = torch.matmul(keys_of(others), keys_of(targets).transpose(1, 2))  # (B, others, targets)
         signals.add_flops(2 * others.shape[1] * targets.shape[1] * keys.shape[-1])
         joined = F.one_hot(similarity.argmax(-1), targets.shape[1]).to(attention.dtype)  # (B, others, targets)
         share = joined / joined.sum(1, keepdim=True).clamp_min(1)  # each target: the mean of what joined it
