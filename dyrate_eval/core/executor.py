@@ -34,6 +34,7 @@ import torch
 from ..arch import Arch
 from ..errors import PruningConfigError
 from ..measure.flops import layer_flops
+from .capture import OutputCapture
 from .layout import KeyLayout, gather_rows, image_slots
 from .merging import merge_features
 from .plan import ExecutedPlan
@@ -76,26 +77,6 @@ class GenerationState:
         self.layouts = [reordered.setdefault(id(lay), lay.select_rows(rows)) for lay in self.layouts]
         self.plan.reorder(rows)
         self.decision = {name: value[rows] for name, value in self.decision.items()}
-
-
-class _OutputCapture:
-    """Keeps what ``module`` returns while the context is open (nothing for None)."""
-
-    def __init__(self, module):
-        self.module = module
-        self.output = None
-
-    def __enter__(self):
-        if self.module is not None:
-            self._handle = self.module.register_forward_hook(self._keep)
-        return self
-
-    def _keep(self, module, args, output):
-        self.output = output
-
-    def __exit__(self, *exc):
-        if self.module is not None:
-            self._handle.remove()
 
 
 class _MaskCache:
@@ -322,9 +303,9 @@ class Executor:
         module returns (its output and weights) after every layer, as the reference
         code has them at hand wherever it ranks."""
         if self.scoring == "eager-weights":
-            return _OutputCapture(self.decoder.attention_module(layer_idx))
+            return OutputCapture(self.decoder.attention_module(layer_idx))
         observed = layer_idx + 1 < self.num_layers and self.policy.observes(layer_idx + 1, step)
-        return _OutputCapture(self.decoder.query_projection(layer_idx) if observed and self.scoring == "row" else None)
+        return OutputCapture(self.decoder.query_projection(layer_idx) if observed and self.scoring == "row" else None)
 
     def _select(self, step: Step, layout: KeyLayout) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Ask the policy before ``step.layer``, whose keys are ``layout`` so far. Returns

@@ -21,6 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..arch import Arch
 from ..errors import PruningConfigError
+from .capture import OutputCapture
 from .executor import SCORINGS, Executor
 from .layout import gather_rows
 from .plan import ExecutedPlan
@@ -174,15 +175,10 @@ class HFDecoder:
         """(B, heads, L, L) the layer run again on its input in eager attention, without
         the cache, for the attention weights of every query (LightCompress's scoring)."""
         layer = self.layers[layer_idx]
-        captured = {}
-        handle = layer.self_attn.register_forward_hook(lambda module, args, output: captured.update(output=output))
-        try:
-            with attention_implementation(self.language_model, "eager"):
-                mask = self.causal_mask(layer_input, key_ok, None, None)
-                self.run_layer(layer_idx, layer_input, mask, rotary, None, None, {})
-        finally:
-            handle.remove()
-        return captured["output"][1]
+        with attention_implementation(self.language_model, "eager"), OutputCapture(layer.self_attn) as capture:
+            mask = self.causal_mask(layer_input, key_ok, None, None)
+            self.run_layer(layer_idx, layer_input, mask, rotary, None, None, {})
+        return capture.output[1]
 
     def embed_prompt(self, input_ids, pixel_values):
         """The prompt's input embeddings with the image features in place of the image tokens."""
