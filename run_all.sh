@@ -58,7 +58,10 @@
 # every cell. --limit N evaluates N items per task, a quick check of the path whose tables
 # (in runs/embedded-limitN/report) say nothing about accuracy (even N with --paper: MME
 # scores its questions in pairs). --only A,B runs the named cells (and their latency
-# pass), traces and benchmarks alone, then the report. --runs DIR puts the cells into
+# pass), traces and benchmarks alone, then the report of the runs folder into its
+# report/ (results/ keeps the whole grid's); a schedule cell named runs its search first
+# when its schedule is missing, and the name vtw_searched stands for VTW's searched K (its
+# search and its cell). --runs DIR puts the cells into
 # DIR (relative to this folder) instead of runs/embedded (runs/paper with --paper,
 # runs/paper-rehearsal with --rehearse, -limitN added with --limit); the rehearsal's
 # setup goes beside DIR.
@@ -266,11 +269,13 @@ schedule_cells=5
 [ "$paper" = 0 ] || { once=3; [ -z "$trace_predictor" ] || once=4; schedule_cells=0; }
 total=$((${#cells[@]} + schedule_cells + 2 * ${#ablation[@]} + ${#matched[@]} + 1 + once))  # 1: the latency pass
 index=0
+# whether --only (if given) names $1
+named() { [ -z "$only" ] || [[ $only == *",$1,"* ]]; }
 # Counts a cell and says whether it runs: not when its output ($2, non-empty) is there
 # from an earlier run, unless --force. $3: where its log goes.
 cell_starts() {
   index=$((index + 1))
-  [ -z "$only" ] || [[ $only == *",$1,"* ]] || return 1
+  named "$1" || return 1
   if [ "$force" = 0 ] && [ -n "$2" ]; then
     echo "[$index/$total] $1: done earlier, skipped"
     return 1
@@ -287,7 +292,7 @@ run_cell() {
   local name lmms_model model_args tasks gen_kwargs out
   IFS='|' read -r name lmms_model model_args tasks gen_kwargs <<<"$1"
   out="$runs/$name"
-  if { [ -z "$only" ] || [[ $only == *",$name,"* ]]; } && [[ $timed_names != *",$name,"* ]]; then
+  if named "$name" && [[ $timed_names != *",$name,"* ]]; then
     timed_cells+=("$out")
     timed_names+="$name,"
   fi
@@ -347,9 +352,10 @@ if [ "$paper" = 0 ]; then
   vtw_docs=20
   trials=30
   [ ${#limit[@]} = 0 ] || { calibration_docs=${limit[1]}; vtw_docs=${limit[1]}; trials=2; }
-  search() {  # the file the search writes, then its dyrate-eval command
-    local out=$1
-    shift
+  search() {  # the file the search writes, the cell that runs its schedule, then its dyrate-eval command
+    local out=$1 cell=$2
+    shift 2
+    named "$cell" || return 0
     if [ "$force" = 0 ] && [ -f "$out" ]; then
       echo "search ${out##*/}: done earlier, skipped"
       return
@@ -364,23 +370,31 @@ if [ "$paper" = 0 ]; then
     fi
     echo "search ${out##*/}: done in $((SECONDS - started)) s"
   }
-  search "$schedules/gsearch_kl.json" gsearch --task shapes_vqa --limit "$calibration_docs" --criterion kl --tolerance 0.3
-  search "$schedules/gsearch_score.json" gsearch --task shapes_vqa --limit "$calibration_docs" --criterion score --tolerance 0.02
-  search "$schedules/psigmoid_score_b0.4.json" psigmoid --task shapes_vqa --limit "$calibration_docs" --criterion score \
+  search "$schedules/gsearch_kl.json" gsearch_kl gsearch --task shapes_vqa --limit "$calibration_docs" --criterion kl --tolerance 0.3
+  search "$schedules/gsearch_score.json" gsearch_score gsearch --task shapes_vqa --limit "$calibration_docs" --criterion score --tolerance 0.02
+  search "$schedules/psigmoid_score_b0.4.json" psigmoid_score_b0.4 psigmoid --task shapes_vqa --limit "$calibration_docs" --criterion score \
     --budget 0.4 --trials "$trials"
-  search "$schedules/vtw_k.json" find-vtw-k --task shapes_vqa --limit "$vtw_docs" --eta 0.003
+  search "$schedules/vtw_k.json" vtw_searched find-vtw-k --task shapes_vqa --limit "$vtw_docs" --eta 0.003
   run_cell "gsearch_kl|dyrate_llava|method=schedule,schedule=$schedules/gsearch_kl.json|shapes|"
   run_cell "gsearch_score|dyrate_llava|method=schedule,schedule=$schedules/gsearch_score.json|shapes|"
   run_cell "psigmoid_score_b0.4|dyrate_llava|method=schedule,schedule=$schedules/psigmoid_score_b0.4.json|shapes|"
   # FastV at P-Sigmoid's FLOPs share (K=1: at K=2 FastV cannot go below about 50%)
-  if rate=$("$bin/dyrate-eval" match-rate "$runs/psigmoid_score_b0.4" --task shapes_vqa --method fastv --set K=1); then
+  if [ ! -d "$runs/psigmoid_score_b0.4" ]; then  # not among --only
+    index=$((index + 1))
+  elif rate=$("$bin/dyrate-eval" match-rate "$runs/psigmoid_score_b0.4" --task shapes_vqa --method fastv --set K=1); then
     run_cell "fastv_K1_R$rate|fastv_llava|K=1,R=$rate|shapes|"
   else
     index=$((index + 1))
     echo "no FastV rate matches P-Sigmoid's FLOPs share (see the message above), no cell" >&2
   fi
-  vtw_k=$("$bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["K"] or "")' "$schedules/vtw_k.json")
-  if [ -n "$vtw_k" ]; then
+  vtw_k=""
+  if [ -f "$schedules/vtw_k.json" ]; then
+    vtw_k=$("$bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["K"] or "")' "$schedules/vtw_k.json")
+  fi
+  if ! named vtw_searched; then
+    index=$((index + 1))
+  elif [ -n "$vtw_k" ]; then
+    [ -z "$only" ] || only+="vtw_K$vtw_k,"
     # named as the grid names VTW cells: a searched K of 2 is the grid's vtw_K2, not a
     # second run of it (which the report refuses)
     run_cell "vtw_K$vtw_k|vtw_llava|K=$vtw_k|shapes|"
@@ -397,7 +411,9 @@ for item in "${ablation[@]}"; do
   arch=${id:-$embedded}
   K=$("$bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1] + "/predictor.json"))["K"])' "$predictor")
   prefix=""; [ "$label" = embedded ] || prefix="${label}_"
-  if rate=$("$bin/dyrate-eval" match-rate "$runs/$dyrate_cell" --task "$task" --method fixed_prune --set "K=$K" --arch "$arch") &&
+  if [ ! -d "$runs/$dyrate_cell" ]; then  # not among --only
+    index=$((index + 2))
+  elif rate=$("$bin/dyrate-eval" match-rate "$runs/$dyrate_cell" --task "$task" --method fixed_prune --set "K=$K" --arch "$arch") &&
      depth_rate=$("$bin/dyrate-eval" match-rate "$runs/$dyrate_cell" --task "$task" --method depth_prune --set "K=$K" --arch "$arch"); then
     run_cell "${prefix}ablation_fixed_prune_K${K}_R$rate|dyrate_llava|${id:+pretrained=$id,}method=fixed_prune,K=$K,R=$rate|$task|"
     run_cell "${prefix}ablation_depth_prune_K${K}_R$depth_rate|dyrate_llava|${id:+pretrained=$id,}method=depth_prune,K=$K,R=$depth_rate|$task|"
@@ -480,6 +496,6 @@ report=results
 source=measured
 [ "$paper" = 0 ] || report=results/paper
 [ "$rehearse" = 0 ] || { report=results/paper-rehearsal; source=rehearsal; }
-[ ${#limit[@]} = 0 ] || report=$runs/report
+[ ${#limit[@]} = 0 ] && [ -z "$only" ] || report=$runs/report
 [ "$paper" = 1 ] || "$bin/dyrate-eval" summarize "$runs" --out "$report" --name embedded
 "$bin/dyrate-eval" report "$runs" --out "$report" --source "$source"

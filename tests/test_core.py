@@ -146,3 +146,28 @@ def test_prefill_without_cache_scores_from_recomputed_keys(tiny_dir, make_inputs
         uncached = model(**inputs, use_cache=False).logits
     torch.testing.assert_close(uncached, cached, atol=1e-5, rtol=0)
     assert executed_plan(model).kept_image_tokens()[:, 0, 2:].eq(16).all()
+
+
+def test_scoring_rows_rotate_the_query_as_the_model_does(tiny_dir, monkeypatch):
+    """The scoring rows rotate the query alone: by Llama's formula where it gives the
+    model's own function's result bit for bit, else by the model's function."""
+    from transformers.models.llama import modeling_llama
+
+    from dyrate_eval.core.hf_llava import _rotate_half_rotation, _rotation_of
+
+    language_model = load_model(tiny_dir).model.language_model
+    config = language_model.config
+    generator = torch.Generator().manual_seed(0)
+    states = torch.randn(2, config.num_attention_heads, 5, config.hidden_size // config.num_attention_heads,
+                         generator=generator)
+    cos, sin = language_model.rotary_emb(states, torch.arange(5).expand(2, -1) * 3)
+    assert _rotation_of(language_model) is _rotate_half_rotation
+    assert torch.equal(_rotate_half_rotation(states, cos, sin), modeling_llama.apply_rotary_pos_emb(states, states, cos, sin)[0])
+
+    def scaled_rotary(q, k, cos, sin):  # a model whose rotary is not Llama's formula
+        return q * cos.unsqueeze(1) * 2, k * cos.unsqueeze(1) * 2
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", scaled_rotary)
+    own = _rotation_of(language_model)
+    assert own is not _rotate_half_rotation
+    assert torch.equal(own(states, cos, sin), states * cos.unsqueeze(1) * 2)

@@ -76,7 +76,7 @@ def _cache_argument(language_class: type, layer_class: type) -> str:
     return name
 
 
-def _attention_rows(layer, apply_rotary, layer_input, rotary, pick, key_ok, keys=None, projected=None) -> torch.Tensor:
+def _attention_rows(layer, rotate, layer_input, rotary, pick, key_ok, keys=None, projected=None) -> torch.Tensor:
     """(B, heads, T, L) attention of the rows ``pick`` (B, T) of ``layer_input`` (all
     of its rows for None) at the decoder ``layer``: its own post-rotary queries against
     its keys (``keys`` from the cache, else computed from ``layer_input``), softmax where
@@ -93,10 +93,10 @@ def _attention_rows(layer, apply_rotary, layer_input, rotary, pick, key_ok, keys
         projected = picked(projected)
     batch, rows = projected.shape[:2]
     query = projected.view(batch, rows, -1, head_dim).transpose(1, 2)  # (B, H, T, hd)
-    query = apply_rotary(query, query, picked(cos), picked(sin))[0]
+    query = rotate(query, picked(cos), picked(sin))
     if keys is None:
         keys = attn.k_proj(layer.input_layernorm(layer_input)).view(batch, layer_input.shape[1], -1, head_dim).transpose(1, 2)
-        keys = apply_rotary(keys, keys, cos, sin)[0]
+        keys = rotate(keys, cos, sin)
     kv_heads = keys.shape[1]
     query = query.reshape(batch, kv_heads, -1, head_dim)  # head h uses kv head h // groups: (B, Hkv, groups * T, hd)
     logits = torch.matmul(query, keys.transpose(-1, -2)).float() * attn.scaling  # (B, Hkv, groups * T, L)
@@ -118,7 +118,7 @@ class HFDecoder:
         self.layers = self.language_model.layers
         self.num_layers = len(self.layers)
         self.cache_argument = _cache_argument_of(self.language_model)
-        self.rotary_function = _rotary_of(self.language_model)
+        self.rotate = _rotation_of(self.language_model)
 
     def rotary(self, hidden, position_ids):
         return self.language_model.rotary_emb(hidden, position_ids)
@@ -158,7 +158,7 @@ class HFDecoder:
         batch, length = layer_input.shape[:2]
         keys = layer.self_attn.k_proj(layer.input_layernorm(layer_input))
         keys = keys.view(batch, length, -1, layer.self_attn.head_dim).transpose(1, 2)
-        return self.rotary_function(keys, keys, *rotary)[0]
+        return self.rotate(keys, *rotary)
 
     def keep_cached(self, cache, layer_idx, local):
         """Keep only the cache entries ``local`` (B, L') of the layer, in that order."""
@@ -168,7 +168,7 @@ class HFDecoder:
         cache_layer.values = cache_layer.values.gather(2, index)
 
     def attention_rows(self, layer_idx, layer_input, rotary, pick, key_ok, keys=None, projected=None):
-        return _attention_rows(self.layers[layer_idx], self.rotary_function, layer_input, rotary, pick, key_ok, keys,
+        return _attention_rows(self.layers[layer_idx], self.rotate, layer_input, rotary, pick, key_ok, keys,
                                projected)
 
     def rerun_weights(self, layer_idx, layer_input, rotary, key_ok):
@@ -371,9 +371,35 @@ def _own_class(language_model) -> type:
     return type(language_model).__mro__[2] if isinstance(language_model, _PrunedDecoderMixin) else type(language_model)
 
 
-def _rotary_of(language_model) -> Callable:
-    """The rotary function of the language model's own modelling module."""
-    return inspect.getmodule(_own_class(language_model)).apply_rotary_pos_emb
+def _rotate_half_rotation(states, cos, sin):
+    """Llama's rotary embedding of one (B, heads, T, head_dim) tensor; its
+    ``apply_rotary_pos_emb`` rotates a query and a key together, and the scoring rows
+    need the query alone (a DyRate decode step pays this at every step)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = states.shape[-1] // 2
+    return states * cos + torch.cat((-states[..., half:], states[..., :half]), dim=-1) * sin
+
+
+def _rotation_of(language_model) -> Callable:
+    """``rotate(states, cos, sin)``: the rotary embedding of the language model's own
+    modelling module applied to one tensor. Llama's own formula (``_rotate_half_rotation``)
+    where it gives the model's function's result bit for bit on the model's own rotary
+    tables, else the model's function with an empty second tensor."""
+    apply_rotary = inspect.getmodule(_own_class(language_model)).apply_rotary_pos_emb
+    config = language_model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    weight = language_model.embed_tokens.weight
+    probe = torch.randn(1, 3, config.hidden_size, generator=torch.Generator().manual_seed(0)).to(weight)
+    cos, sin = language_model.rotary_emb(probe, torch.arange(3, device=weight.device)[None] * 7)
+    states = torch.randn(1, heads, 3, head_dim, generator=torch.Generator().manual_seed(1)).to(weight)
+    try:
+        same = torch.equal(_rotate_half_rotation(states, cos, sin), apply_rotary(states, states, cos, sin)[0])
+    except RuntimeError:  # shapes the formula does not fit (a partial rotary)
+        same = False
+    if same:
+        return _rotate_half_rotation
+    return lambda states, cos, sin: apply_rotary(states, states[:, :0], cos, sin)[0]
 
 
 def install(model, policy: PruningPolicy, scoring: str = "row"):
