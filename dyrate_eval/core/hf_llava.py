@@ -384,7 +384,7 @@ def _rotation_of(language_model) -> Callable:
     """``rotate(states, cos, sin)``: the rotary embedding of the language model's own
     modelling module applied to one tensor. Llama's own formula (``_rotate_half_rotation``)
     where it gives the model's function's result bit for bit on the model's own rotary
-    tables, else the model's function with an empty second tensor."""
+    tables, else the model's function (which rotates the tensor a second time as the key)."""
     apply_rotary = inspect.getmodule(_own_class(language_model)).apply_rotary_pos_emb
     config = language_model.config
     heads = config.num_attention_heads
@@ -399,7 +399,7 @@ def _rotation_of(language_model) -> Callable:
         same = False
     if same:
         return _rotate_half_rotation
-    return lambda states, cos, sin: apply_rotary(states, states[:, :0], cos, sin)[0]
+    return lambda states, cos, sin: apply_rotary(states, states, cos, sin)[0]
 
 
 def install(model, policy: PruningPolicy, scoring: str = "row"):
