@@ -140,7 +140,7 @@ class KeyLayout:
         group: the prompt entries by their groups, the generated ones all in the response group."""
         prompt = self.entry_group.shape[1]
         summed = sum_by_group(probs[..., :prompt], self.entry_group[:, None, :])
-        summed[..., RESPONSE].add_(probs[..., prompt:].sum(-1))
+        summed[..., RESPONSE] += probs[..., prompt:].sum(-1)
         return summed
 
 

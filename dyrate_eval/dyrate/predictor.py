@@ -78,12 +78,8 @@ class RatePredictor(torch.nn.Module):
 
     def forward(self, group_attention: torch.Tensor) -> torch.Tensor:
         """(..., heads, groups) attention shares -> (..., rates) logits."""
-        weight = self.linear.weight
-        features = group_attention.flatten(-2)
-        if features.dtype != weight.dtype:
-            features = features.to(weight.dtype)
-        # the layer's own function, not a module call: a decode step of DyRate runs this
-        return torch.nn.functional.linear((features - self.feature_mean) * self.feature_scale, weight, self.linear.bias)
+        features = group_attention.flatten(-2).to(self.linear.weight.dtype)
+        return self.linear((features - self.feature_mean) * self.feature_scale)
 
     def keep_counts(self, n_img: torch.Tensor) -> torch.Tensor:
         """(B, rates): the image tokens each rate keeps, round((1 - r) * N)."""

@@ -77,6 +77,5 @@ class DyRate(PruningPolicy):
             self.predictor.to(device)
         if view.n_img is not self._counts_for:
             self._counts_for, self._keep_counts = view.n_img, self.predictor.keep_counts(view.n_img)
-        # forward itself, past the module call's hooks machinery: this runs at every decode step
-        rate = self.predictor.forward(view.group_attention).argmax(-1, keepdim=True)
+        rate = self.predictor(view.group_attention).argmax(-1, keepdim=True)
         return self._keep_counts.gather(1, rate.to(self._keep_counts.device))[:, 0]
