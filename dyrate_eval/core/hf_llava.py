@@ -390,12 +390,12 @@ def _rotation_of(language_model) -> Callable:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     weight = language_model.embed_tokens.weight
-    probe = torch.randn(1, 3, config.hidden_size, generator=torch.Generator().manual_seed(0)).to(weight)
-    cos, sin = language_model.rotary_emb(probe, torch.arange(3, device=weight.device)[None] * 7)
-    states = torch.randn(1, heads, 3, head_dim, generator=torch.Generator().manual_seed(1)).to(weight)
     try:
+        probe = torch.randn(1, 3, config.hidden_size, generator=torch.Generator().manual_seed(0)).to(weight)
+        cos, sin = language_model.rotary_emb(probe, torch.arange(3, device=weight.device)[None] * 7)
+        states = torch.randn(1, heads, 3, head_dim, generator=torch.Generator().manual_seed(1)).to(weight)
         same = torch.equal(_rotate_half_rotation(states, cos, sin), apply_rotary(states, states, cos, sin)[0])
-    except RuntimeError:  # shapes the formula does not fit (a partial rotary)
+    except RuntimeError:  # shapes the formula does not fit (a partial rotary), or a model spread over devices
         same = False
     if same:
         return _rotate_half_rotation
