@@ -11,7 +11,7 @@ from dyrate_eval import PruningConfigError, apply_pruning, executed_plan
 from dyrate_eval.arch import Arch, load_arch
 from dyrate_eval.measure.bench import PEERS, parse_methods, run_bench, summarize_bench, with_peers
 from dyrate_eval.measure.flops import layer_flops, plan_flops, scoring_flops
-from dyrate_eval.core.hf_llava import install
+from dyrate_eval.core.hf_llava import install, own_attention
 from dyrate_eval.measure.timing import peak_kv_bytes
 from dyrate_eval.methods import METHODS, make_policy
 
@@ -109,8 +109,9 @@ def test_fastv_peers_keep_the_tokens_the_core_keeps(tiny_dir, make_inputs, peer)
     if peer == "layer-rerun":  # layer K-1 ran twice at the prefill
         n = core_keys[1]
         assert spent - core_spent == layer_flops(arch, n, n) - scoring_flops(arch, n)
-    install(model, policy)
-    assert model.model.language_model.config._attn_implementation == "sdpa"
+    install(model, policy)  # back on the model's own implementation, through its watched twin
+    assert own_attention(model) == "sdpa"
+    assert model.model.language_model.config._attn_implementation.startswith("sdpa")
 
 
 def test_layer_rerun_refuses_selections_at_decode_steps(tiny_dir, make_inputs):

@@ -171,3 +171,38 @@ def test_scoring_rows_rotate_the_query_as_the_model_does(tiny_dir, monkeypatch):
     own = _rotation_of(language_model)
     assert own is not _rotate_half_rotation
     assert torch.equal(own(states, cos, sin), states * cos.unsqueeze(1) * 2)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_decode_scoring_rows_from_inside_the_attention_call_are_the_recomputed_ones(tiny_dir, make_inputs, attn,
+                                                                                    monkeypatch):
+    """DyRate's decode steps score with the query the observed layer's attention call
+    was given (sdpa and eager run a watched twin); with the query's projection kept and
+    rotated again instead, the rows, the choices and the logits are the same bit for bit,
+    padded rows included."""
+    from dyrate_eval.arch import load_arch
+    from dyrate_eval.core import hf_llava
+    from dyrate_eval.measure.bench import random_predictor
+
+    inputs = make_inputs((0, 1))
+    predictor = random_predictor(load_arch(tiny_dir), K=2)
+    took_rotated = []
+    close = hf_llava.QueryCapture.__exit__
+
+    def spying_close(capture, *exc):
+        close(capture, *exc)
+        took_rotated.append(capture.rotated is not None)
+
+    monkeypatch.setattr(hf_llava.QueryCapture, "__exit__", spying_close)
+    runs = []
+    for watched in (True, False):
+        if not watched:
+            monkeypatch.setattr(hf_llava, "_WATCHED_ATTENTION", ())
+        took_rotated.clear()
+        model = apply_pruning(load_model(tiny_dir, attn), method="dyrate", predictor=predictor)
+        tokens, logits, _ = greedy(model, inputs, NEW)
+        assert len(took_rotated) == NEW and set(took_rotated) == {watched}
+        plan = executed_plan(model)
+        runs.append((tokens, logits, torch.stack(plan.group_attention), torch.stack(plan.chosen_keep)))
+    for inside, recomputed in zip(*runs):
+        assert torch.equal(inside, recomputed)

@@ -223,6 +223,20 @@ def test_training_resumes_from_its_checkpoint(tiny_dir, tmp_path, monkeypatch):
     assert len((tmp_path / "parts" / "train_log.jsonl").read_text().splitlines()) == 4 + 3  # 4 before, steps 3-5 after
 
 
+def test_the_folded_predictor_gives_the_trained_layers_logits(tiny_dir):
+    """A decision at every step runs the predictor as one product with its feature
+    standardisation folded in (``folded``): the logits of the layer it was trained as."""
+    predictor = RatePredictor.for_model(load_arch(tiny_dir), K)
+    generator = torch.Generator().manual_seed(0)
+    features = torch.rand(64, predictor.linear.in_features // len(GROUPS), len(GROUPS), generator=generator)
+    with torch.no_grad():
+        predictor.linear.weight.copy_(torch.randn(predictor.linear.weight.shape, generator=generator))
+        predictor.linear.bias.copy_(torch.randn(predictor.linear.bias.shape, generator=generator))
+        predictor.standardize(features)
+        weight, bias = predictor.folded()
+        torch.testing.assert_close(features.flatten(1) @ weight + bias, predictor(features), atol=1e-4, rtol=1e-5)
+
+
 def test_a_predictor_for_another_shape_is_refused(tiny_dir, tmp_path, staircase_dir):
     deeper = save_tiny_llava(tmp_path / "deeper", num_layers=6)
     with pytest.raises(PruningConfigError, match=r"predictor=.* does not fit this model: it was trained for .* \(layers=4"):

@@ -195,6 +195,7 @@ def _check_writable(out: str) -> None:
 def bench(args) -> None:
     import torch
 
+    from ..core.hf_llava import own_attention
     from ..measure.bench import load_bench_model, parse_methods, run_bench, summarize_bench
     from ..harness import resolve_dtype
 
@@ -221,7 +222,7 @@ def bench(args) -> None:
         Path(args.report).mkdir(parents=True, exist_ok=True)
         write_bench_summary(Path(args.out), Path(args.report))
     weights = "random weights" if random_weights else "weights from the folder"
-    attention = model.model.language_model.config._attn_implementation
+    attention = own_attention(model)
     print(f"{arch.name} ({weights}), {device}, {dtype}, {attention} attention, batch {args.batch}, {args.samples} samples "
           f"(+{args.warmup} warm-up), {arch.n_img} image + {args.text_tokens} text tokens, {args.new_tokens} new tokens; medians")
     print(summarize_bench(rows).to_markdown(index=False, floatfmt=".4g"))

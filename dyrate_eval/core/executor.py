@@ -160,10 +160,10 @@ class Executor:
             _scatter_rows(full_hidden, embeds, layout)
             embeds, layout, position_ids = self._reduce_before_decoder(state, embeds, layout, position_ids)
         cos, sin = self.decoder.rotary(embeds, position_ids)
-        hidden, masks, layer_input, projected = embeds, _MaskCache(self.decoder), None, None
+        hidden, masks, layer_input, watched = embeds, _MaskCache(self.decoder), None, None
         for layer_idx in range(self.num_layers):
             if layer_idx > 0:
-                step = Step(state, layer_idx, layer_input, projected, (cos, sin), query_timeline, attention_mask, cache,
+                step = Step(state, layer_idx, layer_input, watched, (cos, sin), query_timeline, attention_mask, cache,
                              None, hidden)
                 img_kept, merge_weights = self._select(step, layout)
                 if merge_weights is not None:
@@ -189,7 +189,7 @@ class Executor:
                     # gapped original ids would read as packed sequences to some kernels
                     position_ids if layout is full_layout else None, cache, kwargs,
                 )
-            projected = capture.output
+            watched = capture.output
         self._record_step(state, attention_mask, new_tokens=length)
         if full_hidden is None:
             return hidden, state
@@ -212,10 +212,10 @@ class Executor:
         state.layouts = [appended.setdefault(id(lay), lay.appended(new_positions)) for lay in state.layouts]
         rotaries = _NewTokenRotary(self.decoder, embeds, position_ids)
         query_timeline = torch.full((batch,), state.length - 1, device=device)
-        hidden, masks, layer_input, projected, rotary = embeds, _MaskCache(self.decoder), None, None, None
+        hidden, masks, layer_input, watched, rotary = embeds, _MaskCache(self.decoder), None, None, None
         for layer_idx in range(self.num_layers):
             if layer_idx > 0:  # ``rotary``: the previous layer's, whose attention row may rank
-                step = Step(state, layer_idx, layer_input, projected, rotary, query_timeline, attention_mask, cache,
+                step = Step(state, layer_idx, layer_input, watched, rotary, query_timeline, attention_mask, cache,
                              new_tokens - 1, hidden)
                 img_kept, _ = self._select(step, state.layouts[layer_idx])  # merging is refused at decode steps
                 if img_kept is not None and not self.policy.progressive:
@@ -230,7 +230,7 @@ class Executor:
                     layer_idx, hidden, masks.get(hidden, layout, attention_mask, cache, layer_idx),
                     rotary, layer_position_ids, cache, kwargs,
                 )
-            projected = capture.output
+            watched = capture.output
         self._record_step(state, attention_mask, new_tokens)
         return hidden
 
@@ -296,16 +296,18 @@ class Executor:
     # -- deciding ------------------------------------------------------------------------
 
     def _scoring_capture(self, layer_idx, step):
-        """While the layer runs, keep its query projection when the policy observes the
-        step's attention before the next layer: the scoring row then reuses it instead
-        of projecting the query again (at 7B width, reading a 4096 x 4096 weight matrix
-        once more at every decode step). With eager weights, keep what the attention
+        """While the layer runs, keep its query when the policy observes the step's
+        attention before the next layer: the scoring row then reuses it instead of
+        projecting (at 7B width, reading a 4096 x 4096 weight matrix once more at every
+        decode step) and rotating the query again. With eager weights, keep what the attention
         module returns (its output and weights) after every layer, as the reference
         code has them at hand wherever it ranks."""
         if self.scoring == "eager-weights":
             return OutputCapture(self.decoder.attention_module(layer_idx))
         observed = layer_idx + 1 < self.num_layers and self.policy.observes(layer_idx + 1, step)
-        return OutputCapture(self.decoder.query_projection(layer_idx) if observed and self.scoring == "row" else None)
+        if observed and self.scoring == "row":
+            return self.decoder.query_capture(layer_idx)
+        return OutputCapture(None)
 
     def _select(self, step: Step, layout: KeyLayout) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Ask the policy before ``step.layer``, whose keys are ``layout`` so far. Returns
@@ -360,7 +362,7 @@ class Executor:
             key_ok = key_ok & step.timeline_mask.gather(1, layout.index)
         if self.scoring != "row":  # every query's weights (B, heads, rows, L), then the step's row
             if self.scoring == "eager-weights":  # they came with the layer's forward: no extra FLOPs
-                weights = step.projected[1]
+                weights = step.watched[1]
             else:
                 weights = self._rerun_weights(step, key_ok)
             return weights.float()[:, :, 0] if pick is None else gather_rows(weights.transpose(1, 2).float(), pick)[:, 0]
@@ -368,7 +370,7 @@ class Executor:
         state.scored_keys[:, obs_layer] = layout.index.shape[1] if key_ok is None else key_ok.sum(1)
         keys = self.decoder.cached_keys(step.cache, obs_layer)
         return self.decoder.attention_rows(obs_layer, layer_input, step.rotary, pick,
-                                           None if key_ok is None else key_ok[:, None, :], keys, step.projected)[:, :, 0]
+                                           None if key_ok is None else key_ok[:, None, :], keys, step.watched)[:, :, 0]
 
     def _rerun_weights(self, step: Step, key_ok):
         """(B, heads, L, L) LightCompress's way: the observation layer run again on its

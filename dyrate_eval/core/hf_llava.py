@@ -3,7 +3,8 @@ its internals. It checks the interfaces the core relies on (refusing a transform
 that moved them), wraps a ``LlavaForConditionalGeneration``'s Llama-style language
 model for the executor (``HFDecoder``: its layers, masks, KV cache, projections), and
 installs the executor by swapping the language model's class for a subclass whose
-``forward`` runs ``core/executor.py``'s loop.
+``forward`` runs ``core/executor.py``'s loop (and, for sdpa and eager attention, the
+implementation for a watched twin that hands the executor a layer's query).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Callable
 import torch
 import transformers
 from transformers import AttentionInterface, DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..arch import Arch
@@ -76,27 +78,31 @@ def _cache_argument(language_class: type, layer_class: type) -> str:
     return name
 
 
-def _attention_rows(layer, rotate, layer_input, rotary, pick, key_ok, keys=None, projected=None) -> torch.Tensor:
+def _attention_rows(layer, rotate, layer_input, rotary, pick, key_ok, keys=None, watched=None) -> torch.Tensor:
     """(B, heads, T, L) attention of the rows ``pick`` (B, T) of ``layer_input`` (all
     of its rows for None) at the decoder ``layer``: its own post-rotary queries against
     its keys (``keys`` from the cache, else computed from ``layer_input``), softmax where
-    ``key_ok`` (B, T, L) allows (everywhere for None). Costs one query projection per row unless
-    ``projected``, the layer's own query projection of every row of ``layer_input``, was
-    kept while it ran; the layer itself keeps its fast attention kernel."""
+    ``key_ok`` (B, T, L) allows (everywhere for None). Costs one query projection and
+    rotation per row, or the rotation alone, unless ``watched`` (a ``QueryCapture`` open
+    while the layer ran) holds the query the layer's attention call was given; the
+    layer itself keeps its fast attention kernel."""
     attn = layer.self_attn
     head_dim = attn.head_dim
-    cos, sin = rotary
     picked = (lambda tensor: tensor) if pick is None else (lambda tensor: gather_rows(tensor, pick))
-    if projected is None:
-        projected = attn.q_proj(layer.input_layernorm(picked(layer_input)))
+    if watched is not None and watched.rotated is not None:  # (B, H, rows, hd)
+        query = watched.rotated if pick is None else gather_rows(watched.rotated.transpose(1, 2), pick).transpose(1, 2)
     else:
-        projected = picked(projected)
-    batch, rows = projected.shape[:2]
-    query = projected.view(batch, rows, -1, head_dim).transpose(1, 2)  # (B, H, T, hd)
-    query = rotate(query, picked(cos), picked(sin))
+        if watched is not None:
+            projected = picked(watched.projection)
+        else:
+            projected = attn.q_proj(layer.input_layernorm(picked(layer_input)))
+        query = projected.view(*projected.shape[:2], -1, head_dim).transpose(1, 2)  # (B, H, T, hd)
+        cos, sin = rotary
+        query = rotate(query, picked(cos), picked(sin))
+    batch, rows = query.shape[0], query.shape[2]
     if keys is None:
         keys = attn.k_proj(layer.input_layernorm(layer_input)).view(batch, layer_input.shape[1], -1, head_dim).transpose(1, 2)
-        keys = rotate(keys, cos, sin)
+        keys = rotate(keys, *rotary)
     kv_heads = keys.shape[1]
     query = query.reshape(batch, kv_heads, -1, head_dim)  # head h uses kv head h // groups: (B, Hkv, groups * T, hd)
     logits = torch.matmul(query, keys.transpose(-1, -2)).float() * attn.scaling  # (B, Hkv, groups * T, L)
@@ -119,15 +125,22 @@ class HFDecoder:
         self.num_layers = len(self.layers)
         self.cache_argument = _cache_argument_of(self.language_model)
         self.rotate = _rotation_of(self.language_model)
+        self.capturing: QueryCapture | None = None  # the capture open while its layer runs
 
     def rotary(self, hidden, position_ids):
         return self.language_model.rotary_emb(hidden, position_ids)
 
     def run_layer(self, layer_idx, hidden, mask, rotary, position_ids, cache, kwargs):
+        if self.capturing is not None:  # the layer runs the watched implementation, which takes the capture
+            kwargs = {**kwargs, _CAPTURE_ARGUMENT: self.capturing}
         return self.layers[layer_idx](
             hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids,
             use_cache=cache is not None, **{self.cache_argument: cache}, **kwargs,
         )
+
+    def query_capture(self, layer_idx) -> "QueryCapture":
+        """A context that keeps the query of decoder layer ``layer_idx`` while it runs (for ``attention_rows``)."""
+        return QueryCapture(self, layer_idx)
 
     def causal_mask(self, hidden, key_mask, cache, layer_idx):
         return create_causal_mask(
@@ -138,9 +151,6 @@ class HFDecoder:
             layer_idx=layer_idx,
             **{self.cache_argument: cache},
         )
-
-    def query_projection(self, layer_idx):
-        return self.layers[layer_idx].self_attn.q_proj
 
     def attention_module(self, layer_idx):
         return self.layers[layer_idx].self_attn
@@ -167,9 +177,8 @@ class HFDecoder:
         cache_layer.keys = cache_layer.keys.gather(2, index)
         cache_layer.values = cache_layer.values.gather(2, index)
 
-    def attention_rows(self, layer_idx, layer_input, rotary, pick, key_ok, keys=None, projected=None):
-        return _attention_rows(self.layers[layer_idx], self.rotate, layer_input, rotary, pick, key_ok, keys,
-                               projected)
+    def attention_rows(self, layer_idx, layer_input, rotary, pick, key_ok, keys=None, watched=None):
+        return _attention_rows(self.layers[layer_idx], self.rotate, layer_input, rotary, pick, key_ok, keys, watched)
 
     def rerun_weights(self, layer_idx, layer_input, rotary, key_ok):
         """(B, heads, L, L) the layer run again on its input in eager attention, without
@@ -200,6 +209,39 @@ class HFDecoder:
 
     def logits(self, hidden):
         return self.model.lm_head(self.language_model.norm(hidden))
+
+
+class QueryCapture:
+    """The query of one decoder layer, kept while the layer runs (a context around its
+    run): rotated, from inside its attention call, where the language model runs a
+    watched attention implementation (``_watched_attention``); else its projection, from
+    a hook on ``q_proj``, for ``attention_rows`` to rotate the rows it needs."""
+
+    def __init__(self, decoder: HFDecoder, layer_idx: int):
+        self.decoder, self.layer_idx = decoder, layer_idx
+        self.inside_attention = decoder.language_model.config._attn_implementation.endswith(_WATCHED_SUFFIX)
+        self.rotated: torch.Tensor | None = None  # (B, heads, rows, head_dim)
+        self.projection: torch.Tensor | None = None  # (B, rows, heads x head_dim)
+        self._hook: OutputCapture | None = None
+
+    @property
+    def output(self) -> "QueryCapture":
+        """What the executor keeps of the layer's run (as of an ``OutputCapture``): the query, here."""
+        return self
+
+    def __enter__(self):
+        if self.inside_attention:
+            self.decoder.capturing = self
+        else:
+            self._hook = OutputCapture(self.decoder.layers[self.layer_idx].self_attn.q_proj).__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._hook is None:
+            self.decoder.capturing = None
+        else:
+            self._hook.__exit__(*exc)
+            self.projection = self._hook.output
 
 
 class VisionCapture:
@@ -449,7 +491,8 @@ def install(model, policy: PruningPolicy, scoring: str = "row"):
     language_model._dyrate_vision = vision
     language_model._dyrate_executor = Executor(HFDecoder(model, vision), policy, scoring, language_model._dyrate_arch,
                                                token_id)
-    wanted = "eager" if scoring == "eager-weights" else language_model._dyrate_own_attention
+    own = language_model._dyrate_own_attention
+    wanted = "eager" if scoring == "eager-weights" else _watched_attention(own) if own in _WATCHED_ATTENTION else own
     if language_model.config._attn_implementation != wanted:
         language_model.set_attn_implementation(wanted)
     return model
@@ -472,6 +515,13 @@ def uninstall(model):
     return model
 
 
+def own_attention(model) -> str:
+    """The attention implementation the model runs without the executor (installed, the
+    language model runs the executor's choice: a watched twin, or eager for a bench peer)."""
+    _, language_model = _language_model(model)
+    return getattr(language_model, "_dyrate_own_attention", language_model.config._attn_implementation)
+
+
 def installed_policy(model) -> PruningPolicy | None:
     _, language_model = _language_model(model)
     executor = getattr(language_model, "_dyrate_executor", None)
@@ -484,6 +534,40 @@ def last_plan(model) -> ExecutedPlan | None:
 
 
 # -- attention functions and implementations ----------------------------------------------
+
+
+# The attention implementations whose queries the core takes from inside the attention
+# call: installed, the language model runs the implementation's watched twin
+# (``_watched_attention``), which keeps the query of the layer a ``QueryCapture`` watches,
+# so that the scoring row needs no second projection and rotation (a DyRate decode step
+# pays those at every step). Others (FlashAttention, flex) run as they are, and the
+# capture keeps the query's projection instead.
+_WATCHED_ATTENTION = ("sdpa", "eager")
+_WATCHED_SUFFIX = "+dyrate_watched"
+_CAPTURE_ARGUMENT = "dyrate_query_capture"
+
+
+def _watched_attention(own: str) -> str:
+    """The name of ``own``'s watched implementation, registered (with ``own``'s masks) on first use."""
+    name = own + _WATCHED_SUFFIX
+    if name not in ALL_ATTENTION_FUNCTIONS:
+
+        def watched(module, query, key, value, attention_mask, **kwargs):
+            capture = kwargs.pop(_CAPTURE_ARGUMENT, None)
+            if capture is not None:
+                capture.rotated = query
+            return _own_attention_function(own, type(module))(module, query, key, value, attention_mask, **kwargs)
+
+        register_attention(name, watched)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[own])
+    return name
+
+
+@functools.cache
+def _own_attention_function(own: str, attention_class: type) -> Callable:
+    """What ``attention_class`` calls for implementation ``own``: the registry's function,
+    or its modelling module's own ``eager_attention_forward`` (eager is not in the registry)."""
+    return ALL_ATTENTION_FUNCTIONS.get_interface(own, inspect.getmodule(attention_class).eager_attention_forward)
 
 
 def register_attention(name: str, function: Callable) -> None:

@@ -17,11 +17,12 @@ _INSTRUCTION = GROUPS.index("instruction")
 
 class Step:
     """Where a forward stands before decoder layer ``layer``: what scoring and ranking
-    may read (the previous layer's input and what was kept of its run, the rotary
-    tables, the step's query, the masks and the cache)."""
+    may read (the previous layer's input and what was watched of its run: its query, or
+    with eager weights its attention module's output; the rotary tables, the step's
+    query, the masks and the cache)."""
 
-    def __init__(self, state, layer, layer_input, projected, rotary, query_timeline, timeline_mask, cache, q_row, hidden):
-        self.state, self.layer, self.layer_input, self.projected = state, layer, layer_input, projected
+    def __init__(self, state, layer, layer_input, watched, rotary, query_timeline, timeline_mask, cache, q_row, hidden):
+        self.state, self.layer, self.layer_input, self.watched = state, layer, layer_input, watched
         self.rotary, self.query_timeline, self.timeline_mask, self.cache = rotary, query_timeline, timeline_mask, cache
         self.q_row = q_row  # the step's query among this forward's rows; None at the prefill
         self.hidden = hidden  # the hidden states entering ``layer``

@@ -81,6 +81,14 @@ class RatePredictor(torch.nn.Module):
         features = group_attention.flatten(-2).to(self.linear.weight.dtype)
         return self.linear((features - self.feature_mean) * self.feature_scale)
 
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight (features, rates), bias (rates)): the linear layer with the
+        standardisation folded in, so that ``features @ weight + bias`` gives ``forward``'s
+        logits (up to rounding) in one product, as a decision at every generation step wants."""
+        weight = self.linear.weight * self.feature_scale
+        bias = self.linear.bias - weight @ self.feature_mean
+        return weight.t().contiguous(), bias
+
     def keep_counts(self, n_img: torch.Tensor) -> torch.Tensor:
         """(B, rates): the image tokens each rate keeps, round((1 - r) * N)."""
         rates = torch.tensor(self.rates, dtype=torch.float64, device=n_img.device)

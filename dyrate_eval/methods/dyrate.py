@@ -52,7 +52,10 @@ class DyRate(PruningPolicy):
         super().__init__(arch, values)
         self.K = self.predictor.K
         self.decision_flops = self.predictor.flops
-        self.predictor.requires_grad_(False)  # it only infers here: no autograd bookkeeping at every step
+        # it only infers here: the standardisation folded into its layer, on the device
+        # of the observations (moved there once, not at every step)
+        with torch.no_grad():
+            self._weight, self._bias = self.predictor.folded()
         # the keep count of each rate for the image counts of the generation running
         # (the executor hands the same counts to every step of one generation)
         self._counts_for: torch.Tensor | None = None
@@ -72,10 +75,10 @@ class DyRate(PruningPolicy):
     def keep_before_layer(self, layer, step, view):
         if layer != self.K:
             return None
-        device = view.group_attention.device
-        if self.predictor.feature_mean.device != device:  # moved once, not at every step
-            self.predictor.to(device)
+        features = view.group_attention.flatten(1)
+        if self._weight.device != features.device:
+            self._weight, self._bias = self._weight.to(features.device), self._bias.to(features.device)
         if view.n_img is not self._counts_for:
             self._counts_for, self._keep_counts = view.n_img, self.predictor.keep_counts(view.n_img)
-        rate = self.predictor(view.group_attention).argmax(-1, keepdim=True)
+        rate = torch.addmm(self._bias, features.to(self._weight.dtype), self._weight).argmax(-1, keepdim=True)
         return self._keep_counts.gather(1, rate.to(self._keep_counts.device))[:, 0]
