@@ -39,7 +39,7 @@ from .layout import KeyLayout, gather_rows, image_slots
 from .merging import merge_features
 from .plan import ExecutedPlan
 from .policy import PruningPolicy, Ranking, StepView
-from .selection import next_keep, top_slots
+from .selection import applied_keep, top_slots
 from .signals import ExecutedSignals, ExecutedVisionSignals, Step
 
 # How the attention row that ranks and observes image tokens is obtained. "row": the
@@ -63,7 +63,7 @@ class GenerationState:
         self.plan = ExecutedPlan(n_img=img_present.sum(1))
         self.step = 0
         self.scored_keys = torch.zeros(img_pos.shape[0], num_layers, dtype=torch.long, device=img_pos.device)
-        self.extra_flops = torch.zeros_like(self.plan.n_img)  # this step's ranking and rerun FLOPs
+        self.extra_flops = torch.zeros_like(self.plan.n_img)  # this step's decision, ranking and rerun FLOPs
         # (B,) image tokens dropped before the decoder: the later positions move down by as many
         self.position_shift: torch.Tensor | None = None
         self.decision: dict[str, torch.Tensor] = {}  # this step's observed decision, for the plan
@@ -324,14 +324,20 @@ class Executor:
         view = StepView(n_img=state.plan.n_img)
         if policy.observes(step.layer, state.step):
             view.group_attention = state.layouts[step.layer - 1].group_sums(signals.attention_probs())
-        asked, keep = next_keep(policy, step.layer, state.step, view, layout.img_kept.sum(1), candidates.sum(1))
+        asked = policy.keep_before_layer(step.layer, state.step, view)
+        # the counts only where the policy asked (most layers of most steps it does not)
+        if asked is None:
+            keep = None
+        else:
+            kept_now = layout.img_kept.sum(1)
+            keep = applied_keep(policy, asked, kept_now, kept_now if candidates is layout.img_kept else candidates.sum(1))
         if view.group_attention is not None:
             n_img = state.plan.n_img
             state.decision = {
                 "chosen_keep": torch.full_like(n_img, -1) if asked is None else asked.to(n_img.device),
                 "group_attention": view.group_attention.mean(1),
-                "decision_flops": torch.full_like(n_img, policy.decision_flops),
             }
+            state.extra_flops += policy.decision_flops
         if keep is None:
             return None, None
         if bool((keep == 0).all()):
@@ -367,7 +373,11 @@ class Executor:
                 weights = self._rerun_weights(step, key_ok)
             return weights.float()[:, :, 0] if pick is None else gather_rows(weights.transpose(1, 2).float(), pick)[:, 0]
         # the batch-1 cost of this row, for FLOPs
-        state.scored_keys[:, obs_layer] = layout.index.shape[1] if key_ok is None else key_ok.sum(1)
+        scored = state.scored_keys.select(1, obs_layer)
+        if key_ok is None:
+            scored.fill_(layout.index.shape[1])
+        else:
+            scored.copy_(key_ok.sum(1))
         keys = self.decoder.cached_keys(step.cache, obs_layer)
         return self.decoder.attention_rows(obs_layer, layer_input, step.rotary, pick,
                                            None if key_ok is None else key_ok[:, None, :], keys, step.watched)[:, :, 0]
@@ -402,11 +412,9 @@ class Executor:
                 queries = timeline_mask[:, -new_tokens:].sum(1)
             counts[id(layout)] = (layout.img_kept.sum(1), keys, queries)
         per_layer = [counts[id(layout)] for layout in state.layouts]
-        decision = dict(state.decision)
-        decision["decision_flops"] = decision.get("decision_flops", torch.zeros_like(state.extra_flops)) + state.extra_flops
         state.plan.add_step(
             *(torch.stack([c[i] for c in per_layer], dim=1) for i in range(3)), state.scored_keys, state.layouts[-1].img_kept,
-            **decision,
+            decision_flops=state.extra_flops, **state.decision,
         )
         state.scored_keys = torch.zeros_like(state.scored_keys)
         state.extra_flops = torch.zeros_like(state.extra_flops)

@@ -6,23 +6,20 @@ from __future__ import annotations
 
 import torch
 
-from .policy import PruningPolicy, StepView
+from .policy import PruningPolicy
 
 
-def next_keep(policy: PruningPolicy, layer: int, step: int, view: StepView, kept_now: torch.Tensor,
-              present: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(asked, keep): what ``policy`` asked to keep (B,) before ``layer`` at ``step``, and
-    the count that is applied, or None where nothing changes. A progressive policy only
+def applied_keep(policy: PruningPolicy, asked: torch.Tensor, kept_now: torch.Tensor,
+                 present: torch.Tensor) -> torch.Tensor | None:
+    """The count applied (B,) where ``policy`` asked to keep ``asked`` (B,) image tokens
+    (``keep_before_layer``), or None where nothing changes. A progressive policy only
     drops, from the ``kept_now`` (B,) image tokens still seen; one that re-selects at
     every step chooses among all ``present`` (B,) image tokens of the prompt."""
-    asked = policy.keep_before_layer(layer, step, view)
-    if asked is None:
-        return None, None
     limit = kept_now if policy.progressive else present
     keep = torch.minimum(asked.to(limit.device), limit)
     if policy.progressive and torch.equal(keep, kept_now):
-        return asked, None
-    return asked, keep
+        return None
+    return keep
 
 
 def top_slots(scores: torch.Tensor, candidates: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The plan the executor runs, without a model: for FLOPs before a run (the schedule
 searches' budgets, FLOPs-matched rates, ``dyrate-eval flops``). It asks the policy the
-same questions through the same rules as the executor (``selection.next_keep``, the
+same questions through the same rules as the executor (``selection.applied_keep``, the
 policy's ``score``), so there is no second copy of a method's decisions;
 ``tests/test_flops.py`` and the method matrix check it against real runs."""
 
@@ -13,7 +13,7 @@ from ..errors import PruningConfigError
 from .merging import merge_flops
 from .plan import ExecutedPlan
 from .policy import PruningPolicy, Ranking, RankingSignals, StepView, VisionSignals
-from .selection import next_keep
+from .selection import applied_keep
 
 
 class _SimulatedSignals(RankingSignals):
@@ -99,7 +99,8 @@ def simulate_plan(policy: PruningPolicy, arch: Arch, text_tokens: int, new_token
 
     def decide(layer: int, step: int, kept_now: int, keys_scored: int) -> tuple[int | None, int, int]:
         """(the new count or None, the scoring row's keys, other FLOPs) before ``layer``."""
-        _, keep = next_keep(policy, layer, step, view, torch.tensor([kept_now]), torch.tensor([entering]))
+        asked = policy.keep_before_layer(layer, step, view)
+        keep = None if asked is None else applied_keep(policy, asked, torch.tensor([kept_now]), torch.tensor([entering]))
         if keep is None:
             return None, 0, 0
         if int(keep[0]) == 0:  # nothing to rank
