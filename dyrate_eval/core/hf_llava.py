@@ -91,11 +91,9 @@ def _attention_rows(layer, rotate, layer_input, rotary, pick, key_ok, keys=None,
     picked = (lambda tensor: tensor) if pick is None else (lambda tensor: gather_rows(tensor, pick))
     if watched is not None and watched.rotated is not None:  # (B, H, rows, hd)
         query = watched.rotated if pick is None else gather_rows(watched.rotated.transpose(1, 2), pick).transpose(1, 2)
-    else:
-        if watched is not None:
-            projected = picked(watched.projection)
-        else:
-            projected = attn.q_proj(layer.input_layernorm(picked(layer_input)))
+    else:  # the projection the layer kept, or one made here, rotated for the rows picked
+        projected = (attn.q_proj(layer.input_layernorm(picked(layer_input))) if watched is None
+                     else picked(watched.projection))
         query = projected.view(*projected.shape[:2], -1, head_dim).transpose(1, 2)  # (B, H, T, hd)
         cos, sin = rotary
         query = rotate(query, picked(cos), picked(sin))
