@@ -153,3 +153,19 @@ def test_gpu_bench_script_writes_the_csv_and_the_table(tiny_dir, tmp_path):
         assert (rows["batch_size"] == batch).all()
         table = (report / f"bench_{name}_sdpa_b{batch}.md").read_text()
         assert "fastv:K=2:R=0.5 (eager-weights)" in table and "decode_ms_per_token ratio" in table
+
+
+def test_bench_ratios_pair_each_sample_with_the_originals():
+    """A drift of the machine between samples hits the methods of one sample alike: the
+    ratios are medians of per-sample ratios, not ratios of medians."""
+    times = {"original": [1.0, 2.0, 10.0], "fastv": [1.1, 2.2, 1.0]}
+    rows = pd.DataFrame([
+        {"method": method, "sample": sample, "ttft_ms": value, "decode_ms_per_token": value, "end_to_end_ms": value,
+         "tflops": 1.0, "kv_bytes_peak": 1, "device_memory_peak": None}
+        for method, values in times.items() for sample, value in enumerate(values)
+    ])
+    table = summarize_bench(rows).set_index("method")
+    assert table.loc["fastv", "decode_ms_per_token"] == 1.1  # the median time, beside the ratio
+    assert table.loc["fastv", "decode_ms_per_token ratio"] == pytest.approx(1.1)  # the medians' ratio would be 0.55
+    assert table.loc["fastv", "decode_ms_per_token ratio q1"] == pytest.approx(0.6)
+    assert bool(table.loc["fastv", "decode_ms_per_token noisy"]) and not bool(table.loc["original", "decode_ms_per_token noisy"])

@@ -206,3 +206,62 @@ def test_decode_scoring_rows_from_inside_the_attention_call_are_the_recomputed_o
         runs.append((tokens, logits, torch.stack(plan.group_attention), torch.stack(plan.chosen_keep)))
     for inside, recomputed in zip(*runs):
         assert torch.equal(inside, recomputed)
+
+
+@pytest.mark.parametrize("method,settings,generation", [
+    ("dyrate", {}, {}),  # evicts at some steps, not at others; rows of different lengths
+    ("fastv", {"K": 2, "R": 0.5}, {"num_beams": 2}),  # every decode step unchanged; beams reordered
+    ("fixed_prune", {"K": 2, "R": 0.5, "mode": "mask"}, {}),  # re-selects (hides) at every step
+])
+def test_a_decode_step_that_changed_no_layer_is_recorded_as_a_count_on_its_layouts(
+        tiny_dir, make_inputs, monkeypatch, method, settings, generation):
+    """The executor records a decode step that dropped or hid no image token as the last
+    step's counts plus the step's tokens; counting on the layouts at every step gives the
+    same plan. 70 steps: past the entries a layout makes ahead for appended tokens."""
+    from dyrate_eval.arch import load_arch
+    from dyrate_eval.core.executor import Executor
+    from dyrate_eval.measure.bench import random_predictor
+
+    if method == "dyrate":
+        settings = {"predictor": random_predictor(load_arch(tiny_dir), K=2)}
+    inputs = make_inputs((0, 1))
+    record = Executor._record_step
+    unchanged = []
+
+    def counting(executor, state, timeline_mask, new_tokens, reselected):
+        unchanged.append(not reselected)
+        record(executor, state, timeline_mask, new_tokens, reselected or recount)
+
+    monkeypatch.setattr(Executor, "_record_step", counting)
+    plans = []
+    for recount in (False, True):
+        model = apply_pruning(load_model(tiny_dir), method=method, **settings)
+        greedy(model, inputs, 70, **generation)
+        plans.append(executed_plan(model))
+    assert any(unchanged) == (method != "fixed_prune")
+    for field in ("kept_image", "keys", "queries", "scored_keys", "decision_flops", "last_layer_slots"):
+        shortcut, counted = (torch.stack(getattr(plan, field), dim=1) for plan in plans)
+        assert torch.equal(shortcut, counted), field
+
+
+def test_appended_layouts_hold_every_token_past_the_entries_made_ahead():
+    from dyrate_eval.core.layout import KeyLayout, image_slots, sum_by_group, token_groups
+
+    is_image = torch.tensor([[False, True, True, True, False], [False, False, True, True, False]])
+    img_pos, present = image_slots(is_image)
+    prompt = KeyLayout.of_prompt(is_image, img_pos, present)
+    layout, _ = prompt.without(torch.tensor([[True, False, True], [True, True, False]]))  # the first row keeps 4 of 5
+    first, first_index = layout, layout.index.clone()
+    for step in range(150):
+        layout = layout.appended(5 + 2 * step, 2)
+        if step == 10:
+            hidden = layout.hiding(torch.tensor([[True, False, False], [True, False, False]]))
+            probs = torch.rand(2, 3, hidden.index.shape[1])
+            groups = torch.cat([token_groups(is_image, torch.full((2,), 5)), torch.full((2, 22), 3)], dim=1)
+            by_group = sum_by_group(probs * hidden.valid[:, None], groups.gather(1, hidden.index)[:, None])
+            torch.testing.assert_close(hidden.group_sums(probs * hidden.valid[:, None]), by_group)
+    generated = torch.arange(5, 305).expand(2, -1)
+    assert torch.equal(layout.index, torch.cat([first.index, generated], dim=1))
+    assert torch.equal(layout.valid, torch.cat([first.valid, torch.ones(2, 300, dtype=torch.bool)], dim=1))
+    assert not layout.valid[0, 0] and layout.valid[1, 0], "the first row's filler entry stays filler"
+    assert torch.equal(first.index, first_index), "appending leaves earlier layouts as they were"

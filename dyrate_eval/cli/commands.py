@@ -197,6 +197,7 @@ def bench(args) -> None:
 
     from ..core.hf_llava import own_attention
     from ..measure.bench import load_bench_model, parse_methods, run_bench, summarize_bench
+    from ..report.tables import paired_latency_shown
     from ..harness import resolve_dtype
 
     if args.arch and args.pretrained:
@@ -224,8 +225,9 @@ def bench(args) -> None:
     weights = "random weights" if random_weights else "weights from the folder"
     attention = own_attention(model)
     print(f"{arch.name} ({weights}), {device}, {dtype}, {attention} attention, batch {args.batch}, {args.samples} samples "
-          f"(+{args.warmup} warm-up), {arch.n_img} image + {args.text_tokens} text tokens, {args.new_tokens} new tokens; medians")
-    print(summarize_bench(rows).to_markdown(index=False, floatfmt=".4g"))
+          f"(+{args.warmup} warm-up), {arch.n_img} image + {args.text_tokens} text tokens, {args.new_tokens} new tokens; medians, and the "
+          f"medians of the per-sample ratios to the original [interquartile range]")
+    print(paired_latency_shown(summarize_bench(rows)).to_markdown(index=False, floatfmt=".4g"))
 
 
 def latency(args) -> None:

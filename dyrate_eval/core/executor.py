@@ -62,8 +62,10 @@ class GenerationState:
         self.layouts: list[KeyLayout] = [None] * num_layers  # type: ignore[list-item]
         self.plan = ExecutedPlan(n_img=img_present.sum(1))
         self.step = 0
-        self.scored_keys = torch.zeros(img_pos.shape[0], num_layers, dtype=torch.long, device=img_pos.device)
-        self.extra_flops = torch.zeros_like(self.plan.n_img)  # this step's decision, ranking and rerun FLOPs
+        # this step's scoring rows: the keys each scored over, by layer (an int where all rows agree)
+        self.scored_keys: dict[int, int | torch.Tensor] = {}
+        self.extra_flops: int | torch.Tensor = 0  # this step's decision, ranking and rerun FLOPs
+        self._constants: dict[tuple, torch.Tensor] = {}  # tensors made once (``constant``, ``unit_column``)
         # (B,) image tokens dropped before the decoder: the later positions move down by as many
         self.position_shift: torch.Tensor | None = None
         self.decision: dict[str, torch.Tensor] = {}  # this step's observed decision, for the plan
@@ -73,10 +75,24 @@ class GenerationState:
         self.img_pos, self.img_present = self.img_pos[rows], self.img_present[rows]
         if self.position_shift is not None:
             self.position_shift = self.position_shift[rows]
-        reordered: dict[int, KeyLayout] = {}
-        self.layouts = [reordered.setdefault(id(lay), lay.select_rows(rows)) for lay in self.layouts]
+        self.layouts = _each_layout(self.layouts, lambda layout: layout.select_rows(rows))
         self.plan.reorder(rows)
         self.decision = {name: value[rows] for name, value in self.decision.items()}
+
+    def constant(self, value: int, columns: int = 0) -> torch.Tensor:
+        """(B,) or (B, columns) filled with ``value``, made once per generation (never written to)."""
+        shape = (self.img_pos.shape[0], columns) if columns else (self.img_pos.shape[0],)
+        return self._made_once(("fill", value, shape), lambda: torch.full(shape, value, device=self.img_pos.device))
+
+    def unit_column(self, column: int, columns: int) -> torch.Tensor:
+        """(B, columns) 1 in ``column``, 0 elsewhere, made once per generation (never written to)."""
+        return self._made_once(("unit", column, columns),
+                               lambda: torch.nn.functional.one_hot(self.constant(column), columns))
+
+    def _made_once(self, key: tuple, make) -> torch.Tensor:
+        if key not in self._constants:
+            self._constants[key] = make()
+        return self._constants[key]
 
 
 class _MaskCache:
@@ -190,7 +206,7 @@ class Executor:
                     position_ids if layout is full_layout else None, cache, kwargs,
                 )
             watched = capture.output
-        self._record_step(state, attention_mask, new_tokens=length)
+        self._record_step(state, attention_mask, length, reselected=True)
         if full_hidden is None:
             return hidden, state
         _scatter_rows(full_hidden, hidden, layout)
@@ -200,28 +216,26 @@ class Executor:
 
     def decode(self, state, embeds, attention_mask, position_ids, cache, kwargs):
         batch, new_tokens, _ = embeds.shape
-        device = embeds.device
-        new_positions = torch.arange(state.length, state.length + new_tokens, device=device)
-        state.length += new_tokens
-        state.step += 1
         if position_ids is None:
-            position_ids = new_positions.unsqueeze(0)
+            position_ids = torch.arange(state.length, state.length + new_tokens, device=embeds.device).unsqueeze(0)
         if state.position_shift is not None:
             position_ids = position_ids.expand(batch, -1) - state.position_shift[:, None]
-        appended: dict[int, KeyLayout] = {}
-        state.layouts = [appended.setdefault(id(lay), lay.appended(new_positions)) for lay in state.layouts]
+        state.layouts = _each_layout(state.layouts, lambda layout: layout.appended(state.length, new_tokens))
+        state.length += new_tokens
+        state.step += 1
         rotaries = _NewTokenRotary(self.decoder, embeds, position_ids)
-        query_timeline = torch.full((batch,), state.length - 1, device=device)
         hidden, masks, layer_input, watched, rotary = embeds, _MaskCache(self.decoder), None, None, None
+        reselected = False  # whether some layer's image tokens changed at this step
         for layer_idx in range(self.num_layers):
             if layer_idx > 0:  # ``rotary``: the previous layer's, whose attention row may rank
-                step = Step(state, layer_idx, layer_input, watched, rotary, query_timeline, attention_mask, cache,
+                step = Step(state, layer_idx, layer_input, watched, rotary, None, attention_mask, cache,
                              new_tokens - 1, hidden)
                 img_kept, _ = self._select(step, state.layouts[layer_idx])  # merging is refused at decode steps
                 if img_kept is not None and not self.policy.progressive:
                     self._hide_from_later_layers(state, layer_idx, img_kept)
                 elif img_kept is not None:
                     self._evict(state, cache, layer_idx, img_kept, new_tokens)
+                reselected |= img_kept is not None
             layout = state.layouts[layer_idx]
             rotary, layer_position_ids = rotaries.of(layout)
             layer_input = hidden
@@ -231,7 +245,7 @@ class Executor:
                     rotary, layer_position_ids, cache, kwargs,
                 )
             watched = capture.output
-        self._record_step(state, attention_mask, new_tokens)
+        self._record_step(state, attention_mask, new_tokens, reselected)
         return hidden
 
     def _reduce_before_decoder(self, state, embeds, layout, position_ids):
@@ -288,10 +302,7 @@ class Executor:
 
     def _hide_from_later_layers(self, state, first_layer, img_kept):
         """Attend to ``img_kept`` alone from ``first_layer`` on; every image token stays cached."""
-        hidden: dict[int, KeyLayout] = {}
-        for layer_idx in range(first_layer, self.num_layers):
-            old = state.layouts[layer_idx]
-            state.layouts[layer_idx] = hidden.setdefault(id(old), old.hiding(img_kept))
+        state.layouts[first_layer:] = _each_layout(state.layouts[first_layer:], lambda layout: layout.hiding(img_kept))
 
     # -- deciding ------------------------------------------------------------------------
 
@@ -329,12 +340,11 @@ class Executor:
         if asked is None:
             keep = None
         else:
-            kept_now = layout.img_kept.sum(1)
+            kept_now = layout.kept_count()
             keep = applied_keep(policy, asked, kept_now, kept_now if candidates is layout.img_kept else candidates.sum(1))
         if view.group_attention is not None:
-            n_img = state.plan.n_img
             state.decision = {
-                "chosen_keep": torch.full_like(n_img, -1) if asked is None else asked.to(n_img.device),
+                "chosen_keep": state.constant(-1) if asked is None else _on(asked, state.img_pos.device),
                 "group_attention": view.group_attention.mean(1),
             }
             state.extra_flops += policy.decision_flops
@@ -373,11 +383,7 @@ class Executor:
                 weights = self._rerun_weights(step, key_ok)
             return weights.float()[:, :, 0] if pick is None else gather_rows(weights.transpose(1, 2).float(), pick)[:, 0]
         # the batch-1 cost of this row, for FLOPs
-        scored = state.scored_keys.select(1, obs_layer)
-        if key_ok is None:
-            scored.fill_(layout.index.shape[1])
-        else:
-            scored.copy_(key_ok.sum(1))
+        state.scored_keys[obs_layer] = layout.index.shape[1] if key_ok is None else key_ok.sum(1)
         keys = self.decoder.cached_keys(step.cache, obs_layer)
         return self.decoder.attention_rows(obs_layer, layer_input, step.rotary, pick,
                                            None if key_ok is None else key_ok[:, None, :], keys, step.watched)[:, :, 0]
@@ -397,7 +403,25 @@ class Executor:
 
     # -- the plan --------------------------------------------------------------------------
 
-    def _record_step(self, state, timeline_mask, new_tokens):
+    def _record_step(self, state, timeline_mask, new_tokens, reselected):
+        """Add the step to the plan; ``reselected``: whether some layer's image tokens
+        changed at this step (always at the prefill)."""
+        plan = state.plan
+        if reselected:
+            kept, keys, queries = self._count_layouts(state, timeline_mask, new_tokens)
+        else:  # every layer holds what it held at the last step, and this step's tokens
+            if timeline_mask is None:
+                queries = state.constant(new_tokens, self.num_layers)
+            else:
+                queries = timeline_mask[:, -new_tokens:].sum(1, keepdim=True).expand(-1, self.num_layers)
+            kept, keys = plan.kept_image[-1], plan.keys[-1] + queries
+        extra = state.extra_flops
+        plan.add_step(kept, keys, queries, self._scored_table(state), state.layouts[-1].img_kept,
+                      decision_flops=extra if isinstance(extra, torch.Tensor) else state.constant(extra), **state.decision)
+        state.scored_keys, state.extra_flops, state.decision = {}, 0, {}
+
+    def _count_layouts(self, state, timeline_mask, new_tokens):
+        """(B, layers) each layer's kept image tokens, real keys and new queries, counted on its layout."""
         counts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for layout in state.layouts:
             if id(layout) in counts:
@@ -410,15 +434,31 @@ class Executor:
                 queries = torch.full_like(keys, new_tokens)
             else:
                 queries = timeline_mask[:, -new_tokens:].sum(1)
-            counts[id(layout)] = (layout.img_kept.sum(1), keys, queries)
+            counts[id(layout)] = (layout.kept_count(), keys, queries)
         per_layer = [counts[id(layout)] for layout in state.layouts]
-        state.plan.add_step(
-            *(torch.stack([c[i] for c in per_layer], dim=1) for i in range(3)), state.scored_keys, state.layouts[-1].img_kept,
-            decision_flops=state.extra_flops, **state.decision,
-        )
-        state.scored_keys = torch.zeros_like(state.scored_keys)
-        state.extra_flops = torch.zeros_like(state.extra_flops)
-        state.decision = {}
+        return tuple(torch.stack([c[i] for c in per_layer], dim=1) for i in range(3))
+
+    def _scored_table(self, state) -> torch.Tensor:
+        """(B, layers) the keys of this step's scoring rows per layer (0 where none was computed)."""
+        table = None
+        for layer, count in state.scored_keys.items():
+            column = state.unit_column(layer, self.num_layers) * (count if isinstance(count, int) else count[:, None])
+            table = column if table is None else table + column
+        return state.constant(0, self.num_layers) if table is None else table
+
+
+def _each_layout(layouts: list[KeyLayout], change) -> list[KeyLayout]:
+    """``change`` (KeyLayout -> KeyLayout) applied once per distinct layout of ``layouts``:
+    layers that shared a layout share its successor."""
+    changed: dict[int, KeyLayout] = {}
+    for layout in layouts:
+        if id(layout) not in changed:
+            changed[id(layout)] = change(layout)
+    return [changed[id(layout)] for layout in layouts]
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return tensor if tensor.device == device else tensor.to(device)
 
 
 def _scatter_rows(full, hidden, layout):

@@ -42,10 +42,15 @@ class KeyLayout:
     # (B,) with positions=renumber, once a prefill drop renumbered the entries: the
     # position id the next appended token takes. None: tokens keep the timeline's own ids
     next_position: torch.Tensor | None = None
-    # (B, P, len(GROUPS)) ``entry_group`` one-hot, made at the first ``group_sums`` and
-    # handed on to the layouts appended from this one: a deciding policy sums its
-    # observation row by groups at every decode step
+    # (B, >= L, len(GROUPS)) the group one-hot of the entries (generated ones: response),
+    # made at the first ``group_sums`` with rows to spare and handed on to the layouts
+    # appended from this one: a deciding policy sums its observation row by groups at every
+    # decode step
     _group_matrix: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # (B,) image slots kept per row, counted once and handed on to appended layouts
+    _kept_count: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # the entries made ahead for the tokens appended to this layout (``_Ahead``)
+    _ahead: "_Ahead | None" = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of_prompt(cls, is_image: torch.Tensor, img_pos: torch.Tensor, img_present: torch.Tensor) -> "KeyLayout":
@@ -60,20 +65,27 @@ class KeyLayout:
             token_groups(is_image, torch.full((batch,), length, device=device)),
         )
 
-    def appended(self, positions: torch.Tensor) -> "KeyLayout":
-        batch = self.index.shape[0]
-        new = positions.unsqueeze(0).expand(batch, -1)
-        no = torch.zeros_like(new, dtype=torch.bool)
+    def appended(self, position: int, count: int) -> "KeyLayout":
+        """The layout after a step that appended ``count`` tokens at timeline positions
+        ``position``, ``position + 1``, ...: views of entries made ahead (``_Ahead``), so
+        that a decode step extends its layouts without copying them."""
+        length = self.index.shape[1]
+        ahead = self._ahead
+        if ahead is None or not ahead.extends(self, position, count):
+            ahead = _Ahead.after(self, position, count)
+        end = length + count
         return KeyLayout(
-            torch.cat([self.index, new], dim=1),
-            torch.cat([self.valid, ~no], dim=1),
+            ahead.index[:, :end],
+            ahead.valid[:, :end],
             self.img_kept,
             self.entry_slot,
             self.entry_group,
-            None if self.hidden is None else torch.cat([self.hidden, no], dim=1),
+            None if self.hidden is None else torch.cat([self.hidden, self.hidden.new_zeros(self.hidden.shape[0], count)], dim=1),
             self.filler,
-            None if self.next_position is None else self.next_position + new.shape[1],
+            None if self.next_position is None else self.next_position + count,
             self._group_matrix,
+            self._kept_count,
+            ahead,
         )
 
     def select_rows(self, rows: torch.Tensor) -> "KeyLayout":
@@ -81,14 +93,15 @@ class KeyLayout:
         next_position = None if self.next_position is None else self.next_position[rows]
         return KeyLayout(self.index[rows], self.valid[rows], self.img_kept[rows], self.entry_slot[rows],
                          self.entry_group[rows], hidden, self.filler, next_position,
-                         None if self._group_matrix is None else self._group_matrix[rows])
+                         None if self._group_matrix is None else self._group_matrix[rows],
+                         None if self._kept_count is None else self._kept_count[rows])
 
     def hiding(self, img_kept: torch.Tensor) -> "KeyLayout":
         """The layout with the image entries not in ``img_kept`` hidden (still cached)."""
         slot = self.entry_slot
         hidden = (slot >= 0) & ~img_kept.gather(1, slot.clamp(min=0))
         hidden = torch.cat([hidden, hidden.new_zeros(hidden.shape[0], self.generated)], dim=1)
-        return replace(self, img_kept=img_kept, hidden=hidden)
+        return replace(self, img_kept=img_kept, hidden=hidden, _kept_count=None)
 
     def without(self, img_kept: torch.Tensor) -> tuple["KeyLayout", torch.Tensor]:
         """The layout without the image slots that are not in ``img_kept``, and the
@@ -141,17 +154,57 @@ class KeyLayout:
         valid = self.valid[:, : self.entry_slot.shape[1]]
         return valid.reshape(*valid.shape, *([1] * (per_entry.dim() - 2))).to(per_entry.dtype)
 
+    def kept_count(self) -> torch.Tensor:
+        """(B,) the image slots the layers attend to, per row."""
+        if self._kept_count is None:
+            self._kept_count = self.img_kept.sum(1)
+        return self._kept_count
+
     def group_sums(self, probs: torch.Tensor) -> torch.Tensor:
         """(B, heads, len(GROUPS)) attention rows ``probs`` (B, heads, L) summed per token
         group: the prompt entries by their groups, the generated ones all in the response group."""
-        prompt = self.entry_group.shape[1]
-        if self._group_matrix is None or self._group_matrix.dtype != probs.dtype:
-            self._group_matrix = torch.nn.functional.one_hot(self.entry_group, len(GROUPS)).to(probs.dtype)
-        # one product (B, heads, P) x (B, P, groups): fewer operations than ``sum_by_group``'s
+        length = probs.shape[-1]
+        matrix = self._group_matrix
+        if matrix is None or matrix.shape[1] < length or matrix.dtype != probs.dtype:
+            prompt = self.entry_group.shape[1]
+            generated = self.entry_group.new_full((self.entry_group.shape[0], length - prompt + _AHEAD), RESPONSE)
+            groups = torch.cat([self.entry_group, generated], dim=1)
+            matrix = self._group_matrix = torch.nn.functional.one_hot(groups, len(GROUPS)).to(probs.dtype)
+        # one product (B, heads, L) x (B, L, groups): fewer operations than ``sum_by_group``'s
         # scatter at every DyRate step, the same sums up to rounding
-        summed = torch.matmul(probs[..., :prompt], self._group_matrix)
-        summed[..., RESPONSE] = probs[..., prompt:].sum(-1)  # prompt entries are never in the response group
-        return summed
+        return torch.matmul(probs, matrix[:, :length])
+
+
+# tokens a layout makes room for at once (``_Ahead``)
+_AHEAD = 64
+
+
+@dataclass
+class _Ahead:
+    """Entries made ahead for the tokens later steps append to a layout: ``index`` and
+    ``valid`` (B, C) start with the layout's own L entries, then hold the next timeline
+    positions from ``position`` on, valid. Appended layouts are views of them until the
+    room runs out; nothing writes to them."""
+
+    index: torch.Tensor
+    valid: torch.Tensor
+    first: int  # the first entry made ahead (the layout's length when it was made)
+    position: int  # the timeline position of that entry
+
+    @classmethod
+    def after(cls, layout: KeyLayout, position: int, count: int) -> "_Ahead":
+        batch, length = layout.index.shape
+        room = max(count, _AHEAD)
+        positions = torch.arange(position, position + room, device=layout.index.device).expand(batch, -1)
+        return cls(torch.cat([layout.index, positions], dim=1),
+                   torch.cat([layout.valid, layout.valid.new_ones(batch, room)], dim=1), length, position)
+
+    def extends(self, layout: KeyLayout, position: int, count: int) -> bool:
+        """Whether ``layout``'s entries are the first of these and its next ``count``
+        tokens, from timeline position ``position`` on, the ones made ahead."""
+        length = layout.index.shape[1]
+        return (length + count <= self.index.shape[1] and position == self.position + length - self.first
+                and layout.index.data_ptr() == self.index.data_ptr() and layout.valid.data_ptr() == self.valid.data_ptr())
 
 
 def token_groups(is_image: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:

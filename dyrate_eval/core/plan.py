@@ -42,17 +42,22 @@ class ExecutedPlan:
     # per step, (B, image slots): which image tokens the last layer still sees (for the
     # kept-token figure); recorded by the executor, absent from simulated plans
     last_layer_slots: list[torch.Tensor] = field(default_factory=list)
+    # batch size -> (chosen_keep, group_attention) of a step without a decision, shared by those steps
+    _undecided: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     def add_step(self, kept_image: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor, scored_keys: torch.Tensor,
                  last_layer_slots: torch.Tensor | None = None, chosen_keep: torch.Tensor | None = None,
                  group_attention: torch.Tensor | None = None, decision_flops: torch.Tensor | None = None) -> None:
         batch = kept_image.shape[0]
+        if batch not in self._undecided:  # a step without a decision: placeholders, made once per batch size
+            self._undecided[batch] = (torch.full((batch,), -1), torch.full((batch, len(GROUPS)), float("nan")))
+        no_keep, no_shares = self._undecided[batch]
         self.kept_image.append(kept_image)
         self.keys.append(keys)
         self.queries.append(queries)
         self.scored_keys.append(scored_keys)
-        self.chosen_keep.append(chosen_keep if chosen_keep is not None else torch.full((batch,), -1))
-        self.group_attention.append(group_attention if group_attention is not None else torch.full((batch, len(GROUPS)), float("nan")))
+        self.chosen_keep.append(no_keep if chosen_keep is None else chosen_keep)
+        self.group_attention.append(no_shares if group_attention is None else group_attention)
         self.decision_flops.append(decision_flops if decision_flops is not None else torch.zeros(batch, dtype=torch.long))
         if last_layer_slots is not None:
             self.last_layer_slots.append(last_layer_slots)

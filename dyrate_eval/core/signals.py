@@ -23,7 +23,8 @@ class Step:
 
     def __init__(self, state, layer, layer_input, watched, rotary, query_timeline, timeline_mask, cache, q_row, hidden):
         self.state, self.layer, self.layer_input, self.watched = state, layer, layer_input, watched
-        self.rotary, self.query_timeline, self.timeline_mask, self.cache = rotary, query_timeline, timeline_mask, cache
+        self.rotary, self.timeline_mask, self.cache = rotary, timeline_mask, cache
+        self.query_timeline = query_timeline  # (B,) at the prefill: the timeline position of its query; None after
         self.q_row = q_row  # the step's query among this forward's rows; None at the prefill
         self.hidden = hidden  # the hidden states entering ``layer``
 

@@ -84,9 +84,10 @@ class RatePredictor(torch.nn.Module):
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight (features, rates), bias (rates)): the linear layer with the
         standardisation folded in, so that ``features @ weight + bias`` gives ``forward``'s
-        logits (up to rounding) in one product, as a decision at every generation step wants."""
-        weight = self.linear.weight * self.feature_scale
-        bias = self.linear.bias - weight @ self.feature_mean
+        logits (up to rounding) in one product, as a decision at every generation step wants;
+        in float32, the precision of the observations."""
+        weight = self.linear.weight.float() * self.feature_scale.float()
+        bias = self.linear.bias.float() - weight @ self.feature_mean.float()
         return weight.t().contiguous(), bias
 
     def keep_counts(self, n_img: torch.Tensor) -> torch.Tensor:

@@ -188,18 +188,28 @@ def run_bench(model, arch: Arch, methods: list[tuple[str, PruningPolicy]], sampl
     return pd.DataFrame(rows)
 
 
+_TIMES = ("ttft_ms", "decode_ms_per_token", "end_to_end_ms")
+
+
 def summarize_bench(rows: pd.DataFrame) -> pd.DataFrame:
-    """Medians per method and each method's ratio to ``original`` (to the first method
-    when original was not run)."""
+    """Medians per method, and each measure's ratio to ``original`` (to the first method
+    when original was not run): the median of the per-sample ratios, as methods run
+    interleaved sample by sample, so that a drift of the machine between samples cancels
+    (``measure.latency.summarize_pairs``' convention). The times' ratios come with their
+    quartiles and whether their spread is larger than their effect."""
     columns = ["ttft_ms", "decode_ms_per_token", "end_to_end_ms", "tflops", "kv_bytes_peak"]
     columns += [column for column in ("kept_image_mean",) if column in rows]
     if rows["device_memory_peak"].notna().any():
         columns.append("device_memory_peak")
     order = list(dict.fromkeys(rows["method"]))
-    medians = rows.groupby("method", sort=False)[columns].median().loc[order]
-    reference = "original" if "original" in medians.index else order[0]
-    ratios = medians / medians.loc[reference]
-    table = medians.copy()
+    table = rows.groupby("method", sort=False)[columns].median().loc[order]
+    reference = "original" if "original" in table.index else order[0]
+    reference_rows = rows[rows["method"] == reference].set_index("sample")
     for column in ("ttft_ms", "decode_ms_per_token", "end_to_end_ms", "tflops", "kv_bytes_peak"):
-        table[f"{column} ratio"] = ratios[column]
+        per_sample = (rows[column] / rows["sample"].map(reference_rows[column])).groupby(rows["method"], sort=False)
+        table[f"{column} ratio"] = per_sample.median()
+        if column in _TIMES:
+            q1, q3 = per_sample.quantile(0.25), per_sample.quantile(0.75)
+            table[f"{column} ratio q1"], table[f"{column} ratio q3"] = q1, q3
+            table[f"{column} noisy"] = (q3 - q1) > (table[f"{column} ratio"] - 1).abs()
     return table.reset_index()

@@ -75,10 +75,11 @@ class DyRate(PruningPolicy):
     def keep_before_layer(self, layer, step, view):
         if layer != self.K:
             return None
-        features = view.group_attention.flatten(1)
+        features = view.group_attention.flatten(1)  # float32, as the executor's attention rows are
         if self._weight.device != features.device:
             self._weight, self._bias = self._weight.to(features.device), self._bias.to(features.device)
         if view.n_img is not self._counts_for:
-            self._counts_for, self._keep_counts = view.n_img, self.predictor.keep_counts(view.n_img)
-        rate = torch.addmm(self._bias, features.to(self._weight.dtype), self._weight).argmax(-1, keepdim=True)
-        return self._keep_counts.gather(1, rate.to(self._keep_counts.device))[:, 0]
+            self._counts_for = view.n_img
+            self._keep_counts = self.predictor.keep_counts(view.n_img).to(features.device)
+        rate = torch.addmm(self._bias, features, self._weight).argmax(-1, keepdim=True)
+        return self._keep_counts.gather(1, rate)[:, 0]

@@ -224,7 +224,9 @@ def write_bench_summary(bench_file: Path, out_dir: Path) -> None:
         raise PruningConfigError(f"{bench_file} is not a `dyrate-eval bench --out` file (no {', '.join(sorted(missing))})")
     summary = summarize_bench(rows)
     name = f"bench_{bench_file.parent.name}"
-    note = f"Medians over {rows['sample'].nunique()} samples per method (warm-up excluded), interleaved in one process.\n\n"
+    note = (f"Medians over {rows['sample'].nunique()} samples per method (warm-up excluded), interleaved in one process "
+            "sample by sample. `X ratio`: the median of the per-sample ratios method / original, for the times with "
+            "their interquartile range; `~` marks a ratio whose spread is larger than its effect.\n\n")
     write_table(summary, out_dir, name, [str(bench_file)], note)
 
 
