@@ -482,9 +482,11 @@ else
     "$bin/dyrate-eval" trace --out "$runs/trace_fastv_K2_R0.5" --method fastv --set K=2 R=0.5 --examples "$examples"
   run_once trace_dyrate_flops0.6 "$runs/trace_dyrate_flops0.6/trace.json" \
     "$bin/dyrate-eval" trace --out "$runs/trace_dyrate_flops0.6" --method dyrate --examples "$examples"
+  # 60 samples (about 1.5 minutes): a decode step of the small model moves by several
+  # percent from sample to sample on a shared machine, DyRate's cost is a few percent
   run_once bench_embedded "$runs/bench_embedded/bench.csv" \
     "$bin/dyrate-eval" bench --methods original,fastv:K=2:R=0.5,dyrate --peers \
-    --samples "$((4 * samples))" --warmup 2 --new-tokens 24 --out "$runs/bench_embedded/bench.csv"
+    --samples "$((12 * samples))" --warmup 2 --new-tokens 24 --out "$runs/bench_embedded/bench.csv"
   # the 7B's width and heads with 4 decoder layers, random weights (DyRate's predictor too);
   # a sample of its 8 rows takes about 2 minutes on 2 shared cores, so 2 samples
   run_once bench_7b_4layers "$runs/bench_7b_4layers/bench.csv" \
