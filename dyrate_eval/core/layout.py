@@ -67,8 +67,9 @@ class KeyLayout:
 
     def appended(self, position: int, count: int) -> "KeyLayout":
         """The layout after a step that appended ``count`` tokens at timeline positions
-        ``position``, ``position + 1``, ...: views of entries made ahead (``_Ahead``), so
-        that a decode step extends its layouts without copying them."""
+        ``position``, ``position + 1``, ...: its index and validity are views of entries made
+        ahead (``_Ahead``), so that a decode step extends them without copying (hidden
+        entries, at mask-mode steps only, are still concatenated)."""
         length = self.index.shape[1]
         ahead = self._ahead
         if ahead is None or not ahead.extends(self, position, count):
