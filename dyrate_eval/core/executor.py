@@ -35,7 +35,7 @@ from ..arch import Arch
 from ..errors import PruningConfigError
 from ..measure.flops import layer_flops
 from .capture import OutputCapture
-from .layout import KeyLayout, gather_rows, image_slots
+from .layout import KeyLayout, gather_rows, image_slots, on_device
 from .merging import merge_features
 from .plan import ExecutedPlan
 from .policy import PruningPolicy, Ranking, StepView
@@ -344,7 +344,7 @@ class Executor:
             keep = applied_keep(policy, asked, kept_now, kept_now if candidates is layout.img_kept else candidates.sum(1))
         if view.group_attention is not None:
             state.decision = {
-                "chosen_keep": state.constant(-1) if asked is None else _on(asked, state.img_pos.device),
+                "chosen_keep": state.constant(-1) if asked is None else on_device(asked, state.img_pos.device),
                 "group_attention": view.group_attention.mean(1),
             }
             state.extra_flops += policy.decision_flops
@@ -407,36 +407,31 @@ class Executor:
         """Add the step to the plan; ``reselected``: whether some layer's image tokens
         changed at this step (always at the prefill)."""
         plan = state.plan
+        if state.step == 0:  # prefill: every kept row is a query (its keys, counted below)
+            queries = None
+        elif timeline_mask is None:
+            queries = state.constant(new_tokens, self.num_layers)
+        else:  # (B, layers) this step's real tokens, the same in every layer
+            queries = timeline_mask[:, -new_tokens:].sum(1, keepdim=True).expand(-1, self.num_layers)
         if reselected:
-            kept, keys, queries = self._count_layouts(state, timeline_mask, new_tokens)
+            kept, keys = self._count_layouts(state, timeline_mask)
+            queries = keys if queries is None else queries
         else:  # every layer holds what it held at the last step, and this step's tokens
-            if timeline_mask is None:
-                queries = state.constant(new_tokens, self.num_layers)
-            else:
-                queries = timeline_mask[:, -new_tokens:].sum(1, keepdim=True).expand(-1, self.num_layers)
             kept, keys = plan.kept_image[-1], plan.keys[-1] + queries
         extra = state.extra_flops
         plan.add_step(kept, keys, queries, self._scored_table(state), state.layouts[-1].img_kept,
                       decision_flops=extra if isinstance(extra, torch.Tensor) else state.constant(extra), **state.decision)
         state.scored_keys, state.extra_flops, state.decision = {}, 0, {}
 
-    def _count_layouts(self, state, timeline_mask, new_tokens):
-        """(B, layers) each layer's kept image tokens, real keys and new queries, counted on its layout."""
-        counts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    def _count_layouts(self, state, timeline_mask):
+        """(B, layers) each layer's kept image tokens and real keys, counted on its layout."""
+        counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for layout in state.layouts:
-            if id(layout) in counts:
-                continue
-            real = layout.valid if timeline_mask is None else layout.valid & timeline_mask.gather(1, layout.index)
-            keys = real.sum(1)
-            if state.step == 0:  # prefill: every kept row is a query
-                queries = keys
-            elif timeline_mask is None:
-                queries = torch.full_like(keys, new_tokens)
-            else:
-                queries = timeline_mask[:, -new_tokens:].sum(1)
-            counts[id(layout)] = (layout.kept_count(), keys, queries)
+            if id(layout) not in counts:
+                real = layout.valid if timeline_mask is None else layout.valid & timeline_mask.gather(1, layout.index)
+                counts[id(layout)] = (layout.kept_count(), real.sum(1))
         per_layer = [counts[id(layout)] for layout in state.layouts]
-        return tuple(torch.stack([c[i] for c in per_layer], dim=1) for i in range(3))
+        return tuple(torch.stack([c[i] for c in per_layer], dim=1) for i in range(2))
 
     def _scored_table(self, state) -> torch.Tensor:
         """(B, layers) the keys of this step's scoring rows per layer (0 where none was computed)."""
@@ -455,10 +450,6 @@ def _each_layout(layouts: list[KeyLayout], change) -> list[KeyLayout]:
         if id(layout) not in changed:
             changed[id(layout)] = change(layout)
     return [changed[id(layout)] for layout in layouts]
-
-
-def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return tensor if tensor.device == device else tensor.to(device)
 
 
 def _scatter_rows(full, hidden, layout):

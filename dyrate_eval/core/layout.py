@@ -261,3 +261,8 @@ def gather_rows(tensor: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     tensor = tensor.expand(local.shape[0], *tensor.shape[1:])
     index = local.reshape(*local.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:])
     return tensor.gather(1, index)
+
+
+def on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``, itself when it is there already (without a call into torch)."""
+    return tensor if tensor.device == device else tensor.to(device)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .layout import on_device
 from .policy import PruningPolicy
 
 
@@ -16,7 +17,7 @@ def applied_keep(policy: PruningPolicy, asked: torch.Tensor, kept_now: torch.Ten
     drops, from the ``kept_now`` (B,) image tokens still seen; one that re-selects at
     every step chooses among all ``present`` (B,) image tokens of the prompt."""
     limit = kept_now if policy.progressive else present
-    keep = torch.minimum(asked if asked.device == limit.device else asked.to(limit.device), limit)
+    keep = torch.minimum(on_device(asked, limit.device), limit)
     if policy.progressive and torch.equal(keep, kept_now):
         return None
     return keep

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..errors import PruningConfigError
 from ..arch import ARCHS, Arch
 from ..core.hf_llava import install, last_plan
-from .timing import sample_measurements, timed_generate
+from .timing import paired_ratio, sample_measurements, timed_generate
 from ..core.policy import PruningPolicy
 from ..methods import FastV, make_policy, parse_settings
 from ..dyrate.predictor import RatePredictor
@@ -207,9 +207,7 @@ def summarize_bench(rows: pd.DataFrame) -> pd.DataFrame:
     reference_rows = rows[rows["method"] == reference].set_index("sample")
     for column in ("ttft_ms", "decode_ms_per_token", "end_to_end_ms", "tflops", "kv_bytes_peak"):
         per_sample = (rows[column] / rows["sample"].map(reference_rows[column])).groupby(rows["method"], sort=False)
-        table[f"{column} ratio"] = per_sample.median()
-        if column in _TIMES:
-            q1, q3 = per_sample.quantile(0.25), per_sample.quantile(0.75)
-            table[f"{column} ratio q1"], table[f"{column} ratio q3"] = q1, q3
-            table[f"{column} noisy"] = (q3 - q1) > (table[f"{column} ratio"] - 1).abs()
+        spread = pd.DataFrame([paired_ratio(ratios) for _, ratios in per_sample], index=[method for method, _ in per_sample],
+                              columns=[f"{column} ratio", f"{column} ratio q1", f"{column} ratio q3", f"{column} noisy"])
+        table = table.join(spread if column in _TIMES else spread[[f"{column} ratio"]])
     return table.reset_index()

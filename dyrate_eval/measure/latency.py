@@ -32,7 +32,7 @@ from ..errors import PruningConfigError
 from ..harness import lmms_model_class, task_manager
 from ..methods import make_policy
 from ..report.runs import LATENCY_COLUMNS, latency_file, read_run_configuration, read_runs
-from .timing import generated_lengths, timed_generate
+from .timing import generated_lengths, paired_ratio, timed_generate
 
 # the tables' latency measures: label -> (time column of a latency file, unit)
 LATENCY_MEASURES = {"latency": ("end_to_end_ms", "ms"), "TTFT": ("ttft_ms", "ms"), "decode": ("decode_ms_per_token", "ms/token")}
@@ -52,15 +52,14 @@ def summarize_pairs(pairs: pd.DataFrame) -> dict:
     the median answer lengths, which the end-to-end times include."""
     summary = {}
     for label, (column, unit) in LATENCY_MEASURES.items():
-        ratios = (pairs[column] / pairs[f"{column}_original"]).dropna()
-        q1, median, q3 = ratios.quantile([0.25, 0.5, 0.75])
+        median, q1, q3, noisy = paired_ratio((pairs[column] / pairs[f"{column}_original"]).dropna())
         summary |= {
             f"{label} ({unit})": pairs[column].median(),
             f"original {label} ({unit})": pairs[f"{column}_original"].median(),
             f"{label} ratio": median,
             f"{label} ratio q1": q1,
             f"{label} ratio q3": q3,
-            f"{label} noisy": bool(q3 - q1 > abs(median - 1)),
+            f"{label} noisy": noisy,
         }
     summary["answer tokens"] = pairs["new_tokens"].median()
     summary["original answer tokens"] = pairs["new_tokens_original"].median()

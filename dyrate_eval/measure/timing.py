@@ -69,6 +69,14 @@ def timed_generate(model, inputs: dict, **generate_kwargs) -> tuple[torch.Tensor
     return output, timing
 
 
+def paired_ratio(ratios) -> tuple[float, float, float, bool]:
+    """Per-sample ratios method / original (a pandas Series) as the tables and the bench
+    show them: (median, first quartile, third quartile, whether the spread, the
+    interquartile range, is larger than the effect, the median's distance from 1)."""
+    q1, median, q3 = ratios.quantile([0.25, 0.5, 0.75])
+    return median, q1, q3, bool(q3 - q1 > abs(median - 1))
+
+
 def generated_lengths(new_tokens: torch.Tensor, eos_token_id: int) -> list[int]:
     """Per sample, the tokens it generated up to and including its first end-of-sequence
     token: the number of forwards that were its own (a finished sample keeps running in
